@@ -54,6 +54,8 @@ class StudyConfig:
     snr: float | None = None
     """Complex Gaussian noise at this SNR (definition in ``kmotion.simulation.phantoms``); None: no noise."""
     standardise: bool = True
+    kernel_width: int = 5
+    """Interpolation kernel taps of the fast path (accuracy vs. speed, see ``kmotion.physics.nufft``)."""
     pairs_per_base: int = 16
     """Pairs drawn from each base image."""
 
@@ -160,7 +162,7 @@ class StudySimulator:
         # rotated points stay within the disc of the crop corner's physical radius
         r_phys = math.hypot(float(ky.abs().max()) / fy, float(kx.abs().max()) / fx)
         k_max = (r_phys * fy + 1.0, r_phys * fx + 1.0)
-        self.spectrum = CentralSpectrum(cfg.matrix, k_max, device=self.device)
+        self.spectrum = CentralSpectrum(cfg.matrix, k_max, width=cfg.kernel_width, device=self.device)
         n_y, _ = cfg.matrix
         # exact DFT rows/cols for the (unmoved) reference crop
         rows = crop_row_indices(n_y, cfg.crop[0], cfg.acceleration) - n_y // 2

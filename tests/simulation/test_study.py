@@ -1,0 +1,132 @@
+"""The study's simulation: fast k-space path vs. the image-domain version, seeds, targets, config."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import smooth_object
+
+from kmotion.physics import InputError
+from kmotion.simulation.study import (
+    StudyConfig,
+    StudySimulator,
+    draw_motion,
+    simulate_image_domain,
+)
+
+
+def _objects(cfg: StudyConfig, n: int) -> torch.Tensor:
+    return torch.stack([smooth_object(*cfg.matrix, cfg.pixel_spacing_mm, seed=i) for i in range(n)])[:, None]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a - b).flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1)
+
+
+@pytest.mark.parametrize(
+    "matrix,fov,crop",
+    [((96, 96), (220.0, 220.0), (16, 32)), ((97, 90), (230.0, 200.0), (15, 21)), ((128, 108), (220.0, 186.0), (32, 32))],
+)
+def test_fast_path_matches_image_domain(matrix, fov, crop) -> None:
+    cfg = StudyConfig(matrix=matrix, fov_mm=fov, crop=crop, standardise=False)
+    objects = _objects(cfg, 2)
+    motion = draw_motion(6, cfg.motion_range, torch.Generator().manual_seed(3))
+    index = torch.tensor([0, 1, 0, 1, 0, 1])
+    fast = StudySimulator(cfg).simulate(objects, motion, index)
+    ref, mov = simulate_image_domain(cfg, objects, motion, index)
+    assert float(_rel(fast.reference, ref).max()) < 1e-5
+    assert float(_rel(fast.moved, mov).max()) < 1e-3
+
+
+def test_fast_path_with_fixed_coils_matches_image_domain() -> None:
+    cfg = StudyConfig(matrix=(96, 90), fov_mm=(220.0, 206.0), crop=(16, 24), n_coils=3, coil_half_width=2,
+                      standardise=False)
+    objects = _objects(cfg, 1)
+    g = torch.Generator().manual_seed(0)
+    coef = torch.randn(1, 3, 5, 5, dtype=torch.complex64, generator=g)
+    m = torch.arange(-2, 3).double()
+    y = (torch.arange(96) - 48).double()
+    x = (torch.arange(90) - 45).double()
+    ey = torch.exp(2j * math.pi * m[:, None] * y[None] / 96)
+    ex = torch.exp(2j * math.pi * m[:, None] * x[None] / 90)
+    maps = torch.einsum("bcij,iy,jx->bcyx", coef.to(torch.complex128), ey, ex).to(torch.complex64)
+    motion = draw_motion(4, cfg.motion_range, torch.Generator().manual_seed(1))
+    index = torch.zeros(4, dtype=torch.long)
+    fast = StudySimulator(cfg).simulate(objects, motion, index, coil_coefficients=coef)
+    ref, mov = simulate_image_domain(cfg, objects, motion, index, coil_maps=maps)
+    assert fast.moved.shape == (4, 3, 16, 24)
+    assert float(_rel(fast.reference, ref).max()) < 1e-5
+    assert float(_rel(fast.moved, mov).max()) < 1e-3
+
+
+def test_targets_channels_and_standardisation() -> None:
+    cfg = StudyConfig(matrix=(64, 64), crop=(8, 16))
+    objects = _objects(cfg, 1)
+    motion = torch.tensor([[12.0, -6.0, 3.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    batch = StudySimulator(cfg).simulate(objects, motion, torch.zeros(2, dtype=torch.long))
+    assert batch.inputs.shape == (2, 4, 8, 16) and batch.inputs.dtype == torch.float32
+    scale = 12.0 * cfg.target_margin
+    torch.testing.assert_close(
+        batch.targets[0], torch.tensor([12 / scale, -6 / scale, 0, 0, 0, 3 / scale]), rtol=1e-6, atol=1e-6
+    )
+    assert float(batch.targets.abs().max()) < 1.0
+    torch.testing.assert_close(batch.inputs.pow(2).mean(dim=(1, 2, 3)), torch.full((2,), 0.5), rtol=1e-5, atol=1e-5)
+    # zero motion: moved == reference
+    torch.testing.assert_close(batch.moved[1], batch.reference[1], rtol=1e-3, atol=1e-3)
+
+
+def test_noise_is_seeded_and_has_requested_sigma() -> None:
+    cfg = StudyConfig(matrix=(64, 64), crop=(16, 32), standardise=False)
+    objects = torch.zeros(1, 1, 64, 64, dtype=torch.complex64)
+    motion = torch.zeros(50, 3, dtype=torch.float64)
+    sim = StudySimulator(cfg)
+    sigma = torch.tensor([0.3])
+    a = sim.simulate(objects, motion, torch.zeros(50, dtype=torch.long), noise_sigma=sigma,
+                     generator=torch.Generator().manual_seed(7))
+    b = sim.simulate(objects, motion, torch.zeros(50, dtype=torch.long), noise_sigma=sigma,
+                     generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(a.moved, b.moved)
+    measured = float(a.moved.abs().pow(2).mean().sqrt())
+    assert measured == pytest.approx(0.3, rel=0.03)
+
+
+def test_motion_draw_is_uniform_and_seeded() -> None:
+    a = draw_motion(20000, (12.0, 6.0, 3.0), torch.Generator().manual_seed(0))
+    b = draw_motion(20000, (12.0, 6.0, 3.0), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a.abs().max(0).values, torch.tensor([12.0, 6.0, 3.0], dtype=torch.float64),
+                               rtol=1e-3, atol=0)
+    torch.testing.assert_close(a.mean(0), torch.zeros(3, dtype=torch.float64), rtol=0, atol=0.15)
+
+
+def test_default_config_is_the_abstracts() -> None:
+    cfg = StudyConfig()
+    assert cfg.matrix == (448, 448)
+    assert cfg.fov_mm == (220.0, 220.0)
+    assert cfg.motion_range == (12.0, 12.0, 12.0)
+    assert cfg.acceleration == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"matrix": (1, 64)}, "matrix"),
+        ({"fov_mm": (0.0, 220.0)}, "fov_mm"),
+        ({"crop": (300, 64)}, "do not fit"),
+        ({"crop": (8, 500)}, "s_x_crop"),
+        ({"snr": -1.0}, "snr"),
+        ({"motion_range": (1.0, 2.0)}, "motion_range"),
+    ],
+)
+def test_config_errors_name_the_field(kwargs, match) -> None:
+    with pytest.raises((InputError, ValueError), match=match):
+        StudyConfig(**kwargs)
+
+
+def test_simulate_rejects_wrong_matrix() -> None:
+    cfg = StudyConfig(matrix=(64, 64), crop=(8, 8))
+    with pytest.raises(InputError, match="expected shape"):
+        StudySimulator(cfg).simulate(torch.zeros(1, 1, 32, 32, dtype=torch.complex64), torch.zeros(1, 3),
+                                     torch.zeros(1, dtype=torch.long))
