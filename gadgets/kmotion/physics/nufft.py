@@ -116,17 +116,19 @@ class CentralSpectrum:
         j0x, wx = self._taps(qx, 1)
         if int(j0y.min()) < 0 or int(j0y.max()) + w > nfy or int(j0x.min()) < 0 or int(j0x.max()) + w > nfx:
             raise ValueError("k-space points outside the precomputed central region (k_max too small)")
-        # rows of `w` consecutive x-samples (as 2w interleaved floats) gathered per (point, y-tap)
-        real = torch.view_as_real(spectra.contiguous()).reshape(n_images, n_ch, nfy, 2 * nfx)
-        rows = real.unfold(-1, 2 * w, 2)  # (n_images, n_ch, nfy, nfx - w + 1, 2w), a view
-        n_u = nfx - w + 1
+        # per (point, y-tap): `w` consecutive x-samples = 2w interleaved floats, read through an
+        # overlapping strided view (no copy) of each channel's contiguous spectra
+        real = torch.view_as_real(spectra.transpose(0, 1).contiguous()).reshape(n_ch, -1)
         offs = torch.arange(w, device=qy.device)
-        flat = (index.to(qy.device)[:, None, None] * nfy + j0y[..., None] + offs) * n_u + j0x[..., None]
+        flat = (index.to(qy.device)[:, None, None] * nfy + j0y[..., None] + offs) * nfx + j0x[..., None]
+        flat_shape = flat.shape
+        w2 = (wy[..., :, None] * wx[..., None, :]).reshape(-1, 1, w * w)  # (B*P, 1, w*w)
+        flat = flat.reshape(-1)
+        n_starts = real.shape[1] // 2 - w + 1
         out = []
         for c in range(n_ch):
-            src = rows[:, c].reshape(-1, 2 * w)
-            vals = src[flat.reshape(-1)].reshape(flat.shape + (w, 2))  # (B, P, wy, wx, 2)
-            vy = torch.einsum("bpyxc,bpx->bpyc", vals, wx)
-            out.append(torch.einsum("bpyc,bpy->bpc", vy, wy))
+            windows = real[c].as_strided((n_starts, 2 * w), (2, 1))
+            vals = windows.index_select(0, flat).reshape(-1, w * w, 2)  # (B*P, wy*wx, re/im)
+            out.append(torch.bmm(w2, vals).reshape(flat_shape[:2] + (2,)))
         res = torch.stack(out, dim=1)  # (B, n_ch, P, 2)
         return torch.view_as_complex(res.contiguous())
