@@ -26,7 +26,9 @@ def rng() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
 
 
-def smooth_object(n_y: int, n_x: int, spacing: tuple[float, float] = (1.0, 1.0), seed: int = 0) -> torch.Tensor:
+def smooth_object(
+    n_y: int, n_x: int, spacing: tuple[float, float] = (1.0, 1.0), seed: int = 0
+) -> torch.Tensor:
     """A smooth complex test object inside the inscribed circle, ``(n_y, n_x)`` complex64."""
     g = torch.Generator().manual_seed(seed)
     y = (torch.arange(n_y) - n_y // 2).double() * spacing[0]

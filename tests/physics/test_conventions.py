@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import smooth_object
-
 from kmotion.physics import (
     InputError,
     acquired_rows,
@@ -262,6 +261,10 @@ def test_rotation_refuses_more_than_90_degrees() -> None:
 @pytest.mark.cuda
 def test_motion_round_trip_on_cuda() -> None:
     k = torch.randn(2, 1, 32, 30, dtype=torch.complex64)
-    moved = apply_motion_kspace(k.cuda(), torch.tensor([1.0, 2.0]), torch.tensor([0.5, -1.0]), torch.tensor([5.0, -9.0]))
-    back = undo_motion_kspace(moved, torch.tensor([1.0, 2.0]), torch.tensor([0.5, -1.0]), torch.tensor([5.0, -9.0]))
+    moved = apply_motion_kspace(
+        k.cuda(), torch.tensor([1.0, 2.0]), torch.tensor([0.5, -1.0]), torch.tensor([5.0, -9.0])
+    )
+    back = undo_motion_kspace(
+        moved, torch.tensor([1.0, 2.0]), torch.tensor([0.5, -1.0]), torch.tensor([5.0, -9.0])
+    )
     torch.testing.assert_close(back.cpu(), k, rtol=1e-4, atol=1e-4)

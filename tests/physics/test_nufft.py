@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 from conftest import smooth_object
-
 from kmotion.physics import fft2c
 from kmotion.physics.nufft import CentralSpectrum
 
@@ -22,7 +21,9 @@ def direct_dtft(f: torch.Tensor, qy: torch.Tensor, qx: torch.Tensor) -> torch.Te
 @pytest.mark.parametrize("width,tol", [(4, 5e-3), (5, 1e-3), (6, 2e-4)])
 @pytest.mark.parametrize("shape", [(64, 60), (45, 51)])
 def test_central_spectrum_matches_direct_dtft(width: int, tol: float, shape: tuple[int, int]) -> None:
-    f = smooth_object(*shape) + 0.05 * torch.randn(shape, dtype=torch.complex64, generator=torch.Generator().manual_seed(0))
+    f = smooth_object(*shape) + 0.05 * torch.randn(
+        shape, dtype=torch.complex64, generator=torch.Generator().manual_seed(0)
+    )
     cs = CentralSpectrum(shape, (20.0, 20.0), width=width)
     g = torch.Generator().manual_seed(1)
     qy = (torch.rand(1, 200, generator=g, dtype=torch.float64) * 2 - 1) * 20

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 from conftest import smooth_object
-
 from kmotion.physics import InputError
 from kmotion.simulation.study import (
     StudyConfig,
@@ -27,7 +26,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "matrix,fov,crop",
-    [((96, 96), (220.0, 220.0), (16, 32)), ((97, 90), (230.0, 200.0), (15, 21)), ((128, 108), (220.0, 186.0), (32, 32))],
+    [
+        ((96, 96), (220.0, 220.0), (16, 32)),
+        ((97, 90), (230.0, 200.0), (15, 21)),
+        ((128, 108), (220.0, 186.0), (32, 32)),
+    ],
 )
 def test_fast_path_matches_image_domain(matrix, fov, crop) -> None:
     cfg = StudyConfig(matrix=matrix, fov_mm=fov, crop=crop, standardise=False)
@@ -41,8 +44,9 @@ def test_fast_path_matches_image_domain(matrix, fov, crop) -> None:
 
 
 def test_fast_path_with_fixed_coils_matches_image_domain() -> None:
-    cfg = StudyConfig(matrix=(96, 90), fov_mm=(220.0, 206.0), crop=(16, 24), n_coils=3, coil_half_width=2,
-                      standardise=False)
+    cfg = StudyConfig(
+        matrix=(96, 90), fov_mm=(220.0, 206.0), crop=(16, 24), n_coils=3, coil_half_width=2, standardise=False
+    )
     objects = _objects(cfg, 1)
     g = torch.Generator().manual_seed(0)
     coef = torch.randn(1, 3, 5, 5, dtype=torch.complex64, generator=g)
@@ -72,7 +76,9 @@ def test_targets_channels_and_standardisation() -> None:
         batch.targets[0], torch.tensor([12 / scale, -6 / scale, 0, 0, 0, 3 / scale]), rtol=1e-6, atol=1e-6
     )
     assert float(batch.targets.abs().max()) < 1.0
-    torch.testing.assert_close(batch.inputs.pow(2).mean(dim=(1, 2, 3)), torch.full((2,), 0.5), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        batch.inputs.pow(2).mean(dim=(1, 2, 3)), torch.full((2,), 0.5), rtol=1e-5, atol=1e-5
+    )
     # zero motion: moved == reference
     torch.testing.assert_close(batch.moved[1], batch.reference[1], rtol=1e-3, atol=1e-3)
 
@@ -83,10 +89,20 @@ def test_noise_is_seeded_and_has_requested_sigma() -> None:
     motion = torch.zeros(50, 3, dtype=torch.float64)
     sim = StudySimulator(cfg)
     sigma = torch.tensor([0.3])
-    a = sim.simulate(objects, motion, torch.zeros(50, dtype=torch.long), noise_sigma=sigma,
-                     generator=torch.Generator().manual_seed(7))
-    b = sim.simulate(objects, motion, torch.zeros(50, dtype=torch.long), noise_sigma=sigma,
-                     generator=torch.Generator().manual_seed(7))
+    a = sim.simulate(
+        objects,
+        motion,
+        torch.zeros(50, dtype=torch.long),
+        noise_sigma=sigma,
+        generator=torch.Generator().manual_seed(7),
+    )
+    b = sim.simulate(
+        objects,
+        motion,
+        torch.zeros(50, dtype=torch.long),
+        noise_sigma=sigma,
+        generator=torch.Generator().manual_seed(7),
+    )
     torch.testing.assert_close(a.moved, b.moved)
     measured = float(a.moved.abs().pow(2).mean().sqrt())
     assert measured == pytest.approx(0.3, rel=0.03)
@@ -96,8 +112,9 @@ def test_motion_draw_is_uniform_and_seeded() -> None:
     a = draw_motion(20000, (12.0, 6.0, 3.0), torch.Generator().manual_seed(0))
     b = draw_motion(20000, (12.0, 6.0, 3.0), torch.Generator().manual_seed(0))
     torch.testing.assert_close(a, b)
-    torch.testing.assert_close(a.abs().max(0).values, torch.tensor([12.0, 6.0, 3.0], dtype=torch.float64),
-                               rtol=1e-3, atol=0)
+    torch.testing.assert_close(
+        a.abs().max(0).values, torch.tensor([12.0, 6.0, 3.0], dtype=torch.float64), rtol=1e-3, atol=0
+    )
     torch.testing.assert_close(a.mean(0), torch.zeros(3, dtype=torch.float64), rtol=0, atol=0.15)
 
 
@@ -128,5 +145,8 @@ def test_config_errors_name_the_field(kwargs, match) -> None:
 def test_simulate_rejects_wrong_matrix() -> None:
     cfg = StudyConfig(matrix=(64, 64), crop=(8, 8))
     with pytest.raises(InputError, match="expected shape"):
-        StudySimulator(cfg).simulate(torch.zeros(1, 1, 32, 32, dtype=torch.complex64), torch.zeros(1, 3),
-                                     torch.zeros(1, dtype=torch.long))
+        StudySimulator(cfg).simulate(
+            torch.zeros(1, 1, 32, 32, dtype=torch.complex64),
+            torch.zeros(1, 3),
+            torch.zeros(1, dtype=torch.long),
+        )

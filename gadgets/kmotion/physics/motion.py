@@ -51,7 +51,9 @@ def to_six_vector(dx: torch.Tensor, dy: torch.Tensor, phi: torch.Tensor) -> torc
     return torch.stack([dx, dy, zero, zero, zero, phi], dim=-1)
 
 
-def _batched_ramp(kspace: torch.Tensor, dx_px: torch.Tensor | float, dy_px: torch.Tensor | float) -> torch.Tensor:
+def _batched_ramp(
+    kspace: torch.Tensor, dx_px: torch.Tensor | float, dy_px: torch.Tensor | float
+) -> torch.Tensor:
     """Phase ramp shaped to broadcast against ``kspace`` ``(B, ..., n_ky, n_kx)``."""
     n_ky, n_kx = kspace.shape[-2:]
     ramp = phase_ramp((n_ky, n_kx), dx_px, dy_px, device=kspace.device)
@@ -98,7 +100,9 @@ def _shear_rows(img: torch.Tensor, shift_per_row: torch.Tensor) -> torch.Tensor:
     n_x = img.shape[-1]
     kx = centered_indices(n_x, img.device, torch.float64) / n_x
     shift = shift_per_row.reshape(shift_per_row.shape[:1] + (1,) * (img.ndim - 3) + shift_per_row.shape[1:])
-    phase = torch.polar(torch.ones((), dtype=torch.float64, device=img.device), -2 * math.pi * shift[..., None] * kx)
+    phase = torch.polar(
+        torch.ones((), dtype=torch.float64, device=img.device), -2 * math.pi * shift[..., None] * kx
+    )
     return ifft1c(fft1c(img, -1) * phase.to(img.dtype), -1)
 
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import torch
 
+from kmotion.physics.validate import InputError
+
 
 def _check_positive(name: str, value: int) -> None:
     if int(value) != value or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise InputError(f"{name} must be a positive integer, got {value!r}")
 
 
 def acquired_rows(n_ky: int, acceleration: int = 2, device: torch.device | str | None = None) -> torch.Tensor:
@@ -37,7 +39,7 @@ def remove_rows(kspace: torch.Tensor, acceleration: int = 2) -> torch.Tensor:
 def _crop_slice(n: int, s: int, name: str) -> slice:
     _check_positive(name, s)
     if s > n:
-        raise ValueError(f"{name}={s} is larger than the axis length {n}")
+        raise InputError(f"{name}={s} is larger than the axis length {n}")
     start = n // 2 - s // 2
     return slice(start, start + s)
 
@@ -59,7 +61,7 @@ def crop_row_indices(n_ky: int, s_y: int, acceleration: int = 2) -> torch.Tensor
     j = torch.arange(s_y) - s_y // 2
     rows = n_ky // 2 + acceleration * j
     if int(rows.min()) < 0 or int(rows.max()) >= n_ky:
-        raise ValueError(
+        raise InputError(
             f"s_y_crop={s_y} acquired rows at acceleration {acceleration} do not fit in n_ky={n_ky}"
         )
     return rows

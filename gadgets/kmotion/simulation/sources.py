@@ -40,7 +40,10 @@ class PhantomSource:
     """Synthetic head-like phantoms, fixed coil sensitivities (``config.n_coils > 1``) and noise."""
 
     def __init__(
-        self, config: StudyConfig, phantom_config: PhantomConfig | None = None, device: torch.device | str = "cpu"
+        self,
+        config: StudyConfig,
+        phantom_config: PhantomConfig | None = None,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.config = config
         self.phantom_config = phantom_config

@@ -69,12 +69,15 @@ class StudyConfig:
         if min(self.fov_mm) <= 0:
             raise InputError(f"StudyConfig.fov_mm must be positive, got {self.fov_mm}")
         if len(self.motion_range) != 3 or min(self.motion_range) < 0:
-            raise InputError(f"StudyConfig.motion_range must be 3 non-negative values, got {self.motion_range}")
+            raise InputError(
+                f"StudyConfig.motion_range must be 3 non-negative values, got {self.motion_range}"
+            )
         if self.acceleration < 1:
             raise InputError(f"StudyConfig.acceleration must be >= 1, got {self.acceleration}")
         if self.n_coils < 1 or self.pairs_per_base < 1:
             raise InputError(
-                f"StudyConfig.n_coils and pairs_per_base must be >= 1, got {self.n_coils}, {self.pairs_per_base}"
+                "StudyConfig.n_coils and pairs_per_base must be >= 1, "
+                f"got {self.n_coils}, {self.pairs_per_base}"
             )
         if self.snr is not None and self.snr <= 0:
             raise InputError(f"StudyConfig.snr must be positive or None, got {self.snr}")
@@ -118,7 +121,9 @@ class PairBatch:
 
 
 def draw_motion(
-    n_pairs: int, motion_range: tuple[float, float, float], generator: torch.Generator | None = None,
+    n_pairs: int,
+    motion_range: tuple[float, float, float],
+    generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """``(n_pairs, 3)`` float64 motions, uniform in ``[-range, range]`` per parameter."""
@@ -127,7 +132,7 @@ def draw_motion(
 
 
 def _crop_frequencies(cfg: StudyConfig, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Integer frequencies (ky, kx) of the crop; with ``pad > 0`` the padded, fully sampled block around it."""
+    """Integer frequencies (ky, kx) of the crop; with ``pad > 0`` the padded, fully sampled block."""
     n_y, n_x = cfg.matrix
     s_y, s_x = cfg.crop
     rows = crop_row_indices(n_y, s_y, cfg.acceleration) - n_y // 2
@@ -201,7 +206,8 @@ class StudySimulator:
         cfg = self.config
         if objects.ndim != 4 or tuple(objects.shape[-2:]) != cfg.matrix:
             raise InputError(
-                f"objects: expected shape (n_base, n_ch, {cfg.matrix[0]}, {cfg.matrix[1]}), got {tuple(objects.shape)}"
+                f"objects: expected shape (n_base, n_ch, {cfg.matrix[0]}, {cfg.matrix[1]}), "
+                f"got {tuple(objects.shape)}"
             )
         dev = self.device
         objects = objects.to(dev, torch.complex64)
@@ -228,7 +234,9 @@ class StudySimulator:
         a_y, a_x = self._ref_mats
         if coil_coefficients is not None:
             if objects.shape[1] != 1:
-                raise InputError(f"objects: with coil coefficients expected 1 channel, got {objects.shape[1]}")
+                raise InputError(
+                    f"objects: with coil coefficients expected 1 channel, got {objects.shape[1]}"
+                )
             coef = coil_coefficients.to(dev, torch.complex64)[base_index]  # (B, C, 2M+1, 2M+1)
             moved = _apply_coils(moved[:, 0], coef, cfg.acceleration)
             # reference: the same coil convolution on the exact (unmoved) spectrum
@@ -244,10 +252,12 @@ class StudySimulator:
 
         if noise_sigma is not None:
             sig = noise_sigma.to(dev, torch.float32)[base_index].reshape(-1, 1, 1, 1) / math.sqrt(2)
-            ref = ref + sig * torch.randn(ref.shape, dtype=torch.complex64, generator=generator).to(dev) * math.sqrt(2)
-            moved = moved + sig * torch.randn(
-                moved.shape, dtype=torch.complex64, generator=generator
-            ).to(dev) * math.sqrt(2)
+            ref = ref + sig * torch.randn(ref.shape, dtype=torch.complex64, generator=generator).to(
+                dev
+            ) * math.sqrt(2)
+            moved = moved + sig * torch.randn(moved.shape, dtype=torch.complex64, generator=generator).to(
+                dev
+            ) * math.sqrt(2)
         if cfg.standardise:
             ref, moved, _ = standardise_pair(ref, moved)
         six = to_six_vector(motion[:, 0], motion[:, 1], motion[:, 2]).to(torch.float32)

@@ -1,0 +1,139 @@
+"""The ``kmotion`` command line.
+
+Subcommands
+-----------
+demo        simulate a batch of the study's training pairs and write a picture of a few of them
+simulate    simulate pairs and save them (``.npz``) with the study configuration
+inspect     load users' raw data (ISMRMRD/fastMRI ``.h5``, Siemens ``.dat``) as base images and plot them
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+log = logging.getLogger("kmotion")
+
+
+def _study_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--matrix", type=int, nargs=2, default=(448, 448), metavar=("N_Y", "N_X"))
+    p.add_argument("--fov", type=float, nargs=2, default=(220.0, 220.0), metavar=("FOV_Y", "FOV_X"),
+                   help="field of view in mm")
+    p.add_argument("--crop", type=int, nargs=2, default=(64, 64), metavar=("S_Y", "S_X"),
+                   help="central crop: acquired rows x readout samples")
+    p.add_argument("--range", type=float, nargs=3, default=(12.0, 12.0, 12.0), metavar=("DX", "DY", "PHI"),
+                   dest="motion_range", help="motion half-ranges: px, px, degrees")
+    p.add_argument("--coils", type=int, default=1, help="receive coils of the synthetic objects")
+    p.add_argument("--snr", type=float, default=None, help="add complex noise at this SNR")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+
+
+def _config(args: argparse.Namespace):  # noqa: ANN202 - avoids importing torch at parse time
+    from kmotion.simulation.study import StudyConfig
+
+    return StudyConfig(
+        matrix=tuple(args.matrix), fov_mm=tuple(args.fov), crop=tuple(args.crop),
+        motion_range=tuple(args.motion_range), n_coils=args.coils, snr=args.snr,
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from kmotion.demo import run_demo
+
+    out = run_demo(_config(args), Path(args.out), n_show=args.n_show, seed=args.seed, device=args.device)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from kmotion.simulation.sources import ImageSource, PhantomSource, sample_pairs
+    from kmotion.simulation.study import StudySimulator
+
+    cfg = _config(args)
+    sim = StudySimulator(cfg, args.device)
+    if args.raw:
+        from kmotion.io import load_base_images
+
+        base = load_base_images(args.raw)
+        base = base.resized(cfg.matrix) if base.images.shape[-2:] != cfg.matrix else base
+        source = ImageSource(base.as_tensor(), cfg)
+    else:
+        source = PhantomSource(cfg, device=args.device)
+    g = torch.Generator(device=args.device).manual_seed(args.seed)
+    batch = sample_pairs(sim, source, args.n_pairs, g)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(
+        out,
+        inputs=batch.inputs.cpu().numpy(),
+        targets=batch.targets.cpu().numpy(),
+        motion=batch.motion.cpu().numpy(),
+        target_scale=cfg.target_scale().numpy(),
+        config=json.dumps(cfg.to_dict()),
+    )
+    print(f"wrote {args.n_pairs} pairs to {out}: inputs {tuple(batch.inputs.shape)}, targets (dx, dy, dz, "
+          f"phi_x, phi_y, phi_z) / target_scale, motion (dx px, dy px, phi deg)")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from kmotion.demo import plot_base_images
+    from kmotion.io import load_base_images
+
+    base = load_base_images(args.path)
+    print(f"{args.path}: {base.images.shape[0]} image(s), {base.images.shape[1]} coil(s), matrix "
+          f"{base.images.shape[2]} x {base.images.shape[3]} (y x x), FOV {base.fov_mm[0]:.1f} x "
+          f"{base.fov_mm[1]:.1f} mm, pixel {base.pixel_spacing_mm[0]:.3f} x {base.pixel_spacing_mm[1]:.3f} mm")
+    if args.out:
+        plot_base_images(base, Path(args.out))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kmotion", description="Deep-learning rigid motion estimation in MRI k-space")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="simulate the study's training pairs and plot a few")
+    _study_args(d)
+    d.add_argument("--out", default="demo_out", help="output folder")
+    d.add_argument("--n-show", type=int, default=4)
+    d.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("simulate", help="simulate training pairs and save them as .npz")
+    _study_args(s)
+    s.add_argument("--n-pairs", type=int, default=256)
+    s.add_argument("--raw", default=None, help="use base images from this raw-data file instead of phantoms")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_simulate)
+
+    i = sub.add_parser("inspect", help="load raw data as base images (and plot them)")
+    i.add_argument("path")
+    i.add_argument("--out", default=None, help="PNG to write")
+    i.set_defaults(func=cmd_inspect)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from kmotion.physics.validate import InputError
+
+    try:
+        return int(args.func(args))
+    except (InputError, FileNotFoundError, IsADirectoryError) as exc:
+        print(f"kmotion {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
