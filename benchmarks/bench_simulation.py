@@ -117,10 +117,14 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     args = p.parse_args()
     cfg = StudyConfig(matrix=(args.matrix, args.matrix), crop=tuple(args.crop))
-    print(f"kmotion simulation benchmark: matrix {cfg.matrix}, FOV {cfg.fov_mm} mm, crop {cfg.crop}, "
-          f"R={cfg.acceleration}, {cfg.pairs_per_base} pairs per base image (generation counted)")
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"kmotion simulation benchmark: matrix {cfg.matrix}, FOV {cfg.fov_mm} mm, crop {cfg.crop}, "
+        f"R={cfg.acceleration}, {cfg.pairs_per_base} pairs per base image (generation counted)"
+    )
+    print(
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads"
+    )
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     for device in devices:
         if device == "cuda" and not torch.cuda.is_available():
@@ -141,8 +145,10 @@ def main() -> None:
             print(f"cuda ({name}) full-FFT torch version:               {base:10.1f} pairs/s")
             print(f"cuda ({name}) fast k-space simulation:              {fast:10.1f} pairs/s")
             print(f"cuda ratio fast / full-FFT:                           {fast / base:10.1f} x")
-        print(f"{device} fast vs image-domain relative error on the crops: max {err_max:.2e}, "
-              f"median {err_med:.2e}")
+        print(
+            f"{device} fast vs image-domain relative error on the crops: max {err_max:.2e}, "
+            f"median {err_med:.2e}"
+        )
 
 
 if __name__ == "__main__":

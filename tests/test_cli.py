@@ -20,8 +20,25 @@ def test_demo_writes_picture_and_pairs(tmp_path: Path) -> None:
 
 def test_simulate_multicoil_noise(tmp_path: Path) -> None:
     out = tmp_path / "p.npz"
-    rc = main(["simulate", "--matrix", "64", "60", "--crop", "8", "12", "--coils", "3", "--snr", "20",
-               "--n-pairs", "20", "--out", str(out)])
+    rc = main(
+        [
+            "simulate",
+            "--matrix",
+            "64",
+            "60",
+            "--crop",
+            "8",
+            "12",
+            "--coils",
+            "3",
+            "--snr",
+            "20",
+            "--n-pairs",
+            "20",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     data = np.load(out)
     assert data["inputs"].shape == (20, 12, 8, 12)
@@ -40,3 +57,33 @@ def test_bad_file_gives_clear_error(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_bad_config_gives_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["simulate", "--matrix", "64", "64", "--crop", "80", "8", "--out", "x.npz"]) == 2
     assert "s_y_crop" in capsys.readouterr().err
+
+
+def test_simulate_from_twix_raw_data(tmp_path: Path) -> None:
+    from conftest import SHARED_DIR
+
+    twix = SHARED_DIR / "data" / "siemens_twix_gre_phantom.dat"
+    if not twix.exists():
+        pytest.skip("../shared/data not present")
+    out = tmp_path / "raw.npz"
+    rc = main(
+        [
+            "simulate",
+            "--raw",
+            str(twix),
+            "--matrix",
+            "192",
+            "192",
+            "--crop",
+            "16",
+            "32",
+            "--n-pairs",
+            "8",
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    data = np.load(out)
+    assert data["inputs"].shape == (8, 8, 16, 32)  # 2 coils x 4 channels
+    assert '"fov_mm": [200.0, 200.0]' in str(data["config"])

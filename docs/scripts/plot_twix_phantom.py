@@ -17,9 +17,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
 from kmotion.io import load_twix  # noqa: E402
 from kmotion.physics.fft import fft2c  # noqa: E402
-from PIL import Image  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DAT = REPO / ".." / "shared" / "data" / "siemens_twix_gre_phantom.dat"

@@ -21,12 +21,31 @@ log = logging.getLogger("kmotion")
 
 def _study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--matrix", type=int, nargs=2, default=(448, 448), metavar=("N_Y", "N_X"))
-    p.add_argument("--fov", type=float, nargs=2, default=(220.0, 220.0), metavar=("FOV_Y", "FOV_X"),
-                   help="field of view in mm")
-    p.add_argument("--crop", type=int, nargs=2, default=(64, 64), metavar=("S_Y", "S_X"),
-                   help="central crop: acquired rows x readout samples")
-    p.add_argument("--range", type=float, nargs=3, default=(12.0, 12.0, 12.0), metavar=("DX", "DY", "PHI"),
-                   dest="motion_range", help="motion half-ranges: px, px, degrees")
+    p.add_argument(
+        "--fov",
+        type=float,
+        nargs=2,
+        default=(220.0, 220.0),
+        metavar=("FOV_Y", "FOV_X"),
+        help="field of view in mm",
+    )
+    p.add_argument(
+        "--crop",
+        type=int,
+        nargs=2,
+        default=(64, 64),
+        metavar=("S_Y", "S_X"),
+        help="central crop: acquired rows x readout samples",
+    )
+    p.add_argument(
+        "--range",
+        type=float,
+        nargs=3,
+        default=(12.0, 12.0, 12.0),
+        metavar=("DX", "DY", "PHI"),
+        dest="motion_range",
+        help="motion half-ranges: px, px, degrees",
+    )
     p.add_argument("--coils", type=int, default=1, help="receive coils of the synthetic objects")
     p.add_argument("--snr", type=float, default=None, help="add complex noise at this SNR")
     p.add_argument("--seed", type=int, default=0)
@@ -37,8 +56,12 @@ def _config(args: argparse.Namespace):  # noqa: ANN202 - avoids importing torch 
     from kmotion.simulation.study import StudyConfig
 
     return StudyConfig(
-        matrix=tuple(args.matrix), fov_mm=tuple(args.fov), crop=tuple(args.crop),
-        motion_range=tuple(args.motion_range), n_coils=args.coils, snr=args.snr,
+        matrix=tuple(args.matrix),
+        fov_mm=tuple(args.fov),
+        crop=tuple(args.crop),
+        motion_range=tuple(args.motion_range),
+        n_coils=args.coils,
+        snr=args.snr,
     )
 
 
@@ -54,16 +77,28 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from kmotion.simulation.sources import ImageSource, PhantomSource, sample_pairs
-    from kmotion.simulation.study import StudySimulator
+    from kmotion.simulation.sources import BaseSource, ImageSource, PhantomSource, sample_pairs
+    from kmotion.simulation.study import StudyConfig, StudySimulator
 
     cfg = _config(args)
     sim = StudySimulator(cfg, args.device)
+    source: BaseSource
     if args.raw:
         from kmotion.io import load_base_images
 
         base = load_base_images(args.raw)
-        base = base.resized(cfg.matrix) if base.images.shape[-2:] != cfg.matrix else base
+        if tuple(base.images.shape[-2:]) != cfg.matrix:
+            log.info(
+                "resampling %s from %s to the study matrix %s (k-space crop/zero-pad, FOV kept)",
+                args.raw,
+                tuple(base.images.shape[-2:]),
+                cfg.matrix,
+            )
+            base = base.resized(cfg.matrix)
+        if base.fov_mm != cfg.fov_mm:
+            log.info("using the data's FOV %s mm instead of %s mm", base.fov_mm, cfg.fov_mm)
+            cfg = StudyConfig(**{**cfg.to_dict(), "fov_mm": base.fov_mm})
+            sim = StudySimulator(cfg, args.device)
         source = ImageSource(base.as_tensor(), cfg)
     else:
         source = PhantomSource(cfg, device=args.device)
@@ -79,8 +114,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         target_scale=cfg.target_scale().numpy(),
         config=json.dumps(cfg.to_dict()),
     )
-    print(f"wrote {args.n_pairs} pairs to {out}: inputs {tuple(batch.inputs.shape)}, targets (dx, dy, dz, "
-          f"phi_x, phi_y, phi_z) / target_scale, motion (dx px, dy px, phi deg)")
+    print(
+        f"wrote {args.n_pairs} pairs to {out}: inputs {tuple(batch.inputs.shape)}, targets (dx, dy, dz, "
+        f"phi_x, phi_y, phi_z) / target_scale, motion (dx px, dy px, phi deg)"
+    )
     return 0
 
 
@@ -89,9 +126,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from kmotion.io import load_base_images
 
     base = load_base_images(args.path)
-    print(f"{args.path}: {base.images.shape[0]} image(s), {base.images.shape[1]} coil(s), matrix "
-          f"{base.images.shape[2]} x {base.images.shape[3]} (y x x), FOV {base.fov_mm[0]:.1f} x "
-          f"{base.fov_mm[1]:.1f} mm, pixel {base.pixel_spacing_mm[0]:.3f} x {base.pixel_spacing_mm[1]:.3f} mm")
+    print(
+        f"{args.path}: {base.images.shape[0]} image(s), {base.images.shape[1]} coil(s), matrix "
+        f"{base.images.shape[2]} x {base.images.shape[3]} (y x x), FOV {base.fov_mm[0]:.1f} x "
+        f"{base.fov_mm[1]:.1f} mm, pixel {base.pixel_spacing_mm[0]:.3f} x {base.pixel_spacing_mm[1]:.3f} mm"
+    )
     if args.out:
         plot_base_images(base, Path(args.out))
         print(f"wrote {args.out}")
@@ -99,7 +138,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kmotion", description="Deep-learning rigid motion estimation in MRI k-space")
+    p = argparse.ArgumentParser(
+        prog="kmotion", description="Deep-learning rigid motion estimation in MRI k-space"
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -125,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     from kmotion.physics.validate import InputError
 
     try:

@@ -21,7 +21,12 @@ from kmotion.simulation.study import StudyConfig, StudySimulator, draw_motion  #
 
 
 def run_demo(
-    config: StudyConfig, out_dir: Path, n_show: int = 4, seed: int = 0, device: str = "cpu", n_pairs: int = 256
+    config: StudyConfig,
+    out_dir: Path,
+    n_show: int = 4,
+    seed: int = 0,
+    device: str = "cpu",
+    n_pairs: int = 256,
 ) -> Path:
     """Simulate ``n_pairs`` pairs, save them, and plot ``n_show`` (images, k-space crops, targets).
 
@@ -79,23 +84,36 @@ def run_demo(
             ax.set_ylabel("y = phase enc. [mm]")
         lo = float(torch.log10(ref_crop[row].clamp_min(1e-12)).max()) - 4
         for ax, crop, name in ((a[2], ref_crop, "reference"), (a[3], mov_crop, "moved")):
-            im = ax.imshow(torch.log10(crop[row].clamp_min(1e-12)).cpu().numpy(), extent=crop_ext, aspect="auto",
-                           vmin=lo, vmax=lo + 4, cmap="viridis")
+            im = ax.imshow(
+                torch.log10(crop[row].clamp_min(1e-12)).cpu().numpy(),
+                extent=crop_ext,
+                aspect="auto",
+                vmin=lo,
+                vmax=lo + 4,
+                cmap="viridis",
+            )
             ax.set_title(f"{name}: log10 |k| crop {s_y}x{s_x}")
             ax.set_xlabel("kx")
             ax.set_ylabel("ky (acquired rows)")
             fig.colorbar(im, ax=ax, fraction=0.046)
-        im = a[4].imshow(phase_diff[row].cpu().numpy(), extent=crop_ext, aspect="auto", cmap="twilight",
-                         vmin=-np.pi, vmax=np.pi)
+        im = a[4].imshow(
+            phase_diff[row].cpu().numpy(),
+            extent=crop_ext,
+            aspect="auto",
+            cmap="twilight",
+            vmin=-np.pi,
+            vmax=np.pi,
+        )
         a[4].set_title("arg(moved · conj(reference))")
         a[4].set_xlabel("kx")
         fig.colorbar(im, ax=a[4], fraction=0.046)
+    rx, ry, rphi = config.motion_range
     coils = f", {config.n_coils} coils" if config.n_coils > 1 else ""
     snr = f", SNR {config.snr:g}" if config.snr else ""
     fig.suptitle(
         f"kmotion: {n_pairs} simulated training pairs in {elapsed:.2f} s ({device}); matrix "
         f"{config.matrix[0]}x{config.matrix[1]}, FOV {fy:g}x{fx:g} mm, R={r}{coils}{snr}; "
-        f"motion ~ U[±{config.motion_range[0]:g} px, ±{config.motion_range[1]:g} px, ±{config.motion_range[2]:g}°]"
+        f"motion ~ U[±{rx:g} px, ±{ry:g} px, ±{rphi:g}°]"
     )
     fig.tight_layout()
     path = out_dir / "training_pairs.png"

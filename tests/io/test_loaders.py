@@ -15,6 +15,7 @@ import ismrmrd.xsd as xsd
 import numpy as np
 import pytest
 import torch
+
 from kmotion.io import (
     BaseImages,
     load_base_images,

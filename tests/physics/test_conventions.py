@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import smooth_object
+
 from kmotion.physics import (
     InputError,
     acquired_rows,

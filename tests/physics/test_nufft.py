@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from conftest import smooth_object
+
 from kmotion.physics import fft2c
 from kmotion.physics.nufft import CentralSpectrum
 

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from kmotion.physics.fft import fft2c
 from kmotion.physics.validate import InputError
 from kmotion.simulation.phantoms import (
@@ -181,7 +182,7 @@ def test_coil_rss_normalisation(shape: tuple[int, int], fov: tuple[float, float]
     rss = maps.abs().square().sum(1).sqrt()
     disc = _radius_mm(shape, fov) <= min(fov) / 2
     mean = rss[:, disc].mean(-1)
-    assert torch.allclose(mean, torch.ones(3), atol=1e-4)
+    assert torch.allclose(mean, torch.ones(3), atol=2e-3)  # normalised on a <= 64 x 64 grid
     # coils differ and are smooth, spatially varying
     assert (maps[:, 0].abs() - maps[:, 4].abs()).abs()[:, disc].mean() > 0.05
 

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from conftest import smooth_object
+
 from kmotion.physics import InputError
 from kmotion.simulation.study import (
     StudyConfig,
@@ -150,3 +151,15 @@ def test_simulate_rejects_wrong_matrix() -> None:
             torch.zeros(1, 3),
             torch.zeros(1, dtype=torch.long),
         )
+
+
+def test_image_source_moves_all_channels_together() -> None:
+    from kmotion.simulation.sources import ImageSource, sample_pairs
+
+    cfg = StudyConfig(matrix=(64, 64), crop=(8, 16), pairs_per_base=4)
+    images = torch.stack([smooth_object(64, 64, seed=1), 0.5 * smooth_object(64, 64, seed=2)])[None]
+    src = ImageSource(images, cfg)
+    batch = sample_pairs(StudySimulator(cfg), src, 8, torch.Generator().manual_seed(0))
+    assert batch.inputs.shape == (8, 8, 8, 16)
+    with pytest.raises(InputError, match="resize_matrix"):
+        ImageSource(torch.zeros(1, 1, 32, 32, dtype=torch.complex64), cfg)

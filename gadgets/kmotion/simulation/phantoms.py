@@ -674,15 +674,26 @@ def make_coil_coefficients(
     prof_y, prof_x = _coil_profiles(n_images, n_coils, shape, fov, gen, dev)
     coef = _band_coefficients(prof_y, prof_x, half_width)
 
-    # root-sum-of-squares of the band-limited maps, averaged over the inscribed circle (one coil at a time)
-    yv, xv = _grid_mm(shape, fov, dev)
+    # root-sum-of-squares of the band-limited maps averaged over the inscribed circle; the maps are
+    # band-limited (|m| <= M), so a coarse grid of <= 64 x 64 positions over the FOV gives the average
+    n_c = [min(n, 64) for n in shape]
+    pos = [
+        (torch.arange(nc, device=dev, dtype=torch.float64) - nc // 2) * (n / nc)
+        for n, nc in zip(shape, n_c, strict=True)
+    ]
+    m = torch.arange(-half_width, half_width + 1, device=dev, dtype=torch.float64)
+    e_y, e_x = (
+        torch.polar(
+            torch.ones(len(p), len(m), device=dev, dtype=torch.float64), 2 * math.pi * p[:, None] * m / n
+        ).to(torch.complex64)
+        for p, n in zip(pos, shape, strict=True)
+    )
+    yv = pos[0] * (fov[0] / shape[0])
+    xv = pos[1] * (fov[1] / shape[1])
     disc = (yv.view(-1, 1) ** 2 + xv.view(1, -1) ** 2) <= (min(fov) / 2) ** 2
-    e_y = _fourier_matrix(shape[0], half_width, 1.0, dev)
-    e_x_t = _fourier_matrix(shape[1], half_width, 1.0, dev).T
-    sos = torch.zeros(n_images, *shape, device=dev)
-    for j in range(n_coils):
-        sos += (e_y @ coef[:, j] @ e_x_t).abs().square()
-    mean_rss = (sos.sqrt() * disc).sum(dim=(-2, -1)) / disc.sum()
+    maps = e_y @ coef @ e_x.T  # (n_images, n_coils, n_cy, n_cx)
+    rss = maps.abs().square().sum(1).sqrt()
+    mean_rss = (rss * disc).sum(dim=(-2, -1)) / disc.sum()
     return coef / mean_rss.clamp_min(1e-12).view(-1, 1, 1, 1)
 
 

@@ -286,18 +286,22 @@ def _apply_coils(block: torch.Tensor, coef: torch.Tensor, acceleration: int) -> 
     ``coef``: ``(B, C, 2M+1, 2M+1)``.  ``FT[c f](k) = sum_m c_m F(k - m)``.
     """
     n_pairs, l_y, l_x = block.shape
-    width = coef.shape[-1]
+    n_coils, width = coef.shape[1], coef.shape[-1]
     m = (width - 1) // 2
-    out_y = l_y - 2 * m
     out_x = l_x - 2 * m
-    rows = torch.arange(0, out_y, acceleration, device=block.device)
-    out = torch.zeros((n_pairs, coef.shape[1], len(rows), out_x), dtype=block.dtype, device=block.device)
-    for iy in range(width):  # loop over the small kernel, not over samples
-        # output row r (block row r + m) takes F(k - m_y) at block row r + m - m_y = r + (width - 1 - iy)
-        sub = block.index_select(1, rows + (width - 1 - iy))
-        for ix in range(width):
-            out += coef[:, :, iy, ix, None, None] * sub[:, None, :, width - 1 - ix : width - 1 - ix + out_x]
-    return out
+    n_rows = len(range(0, l_y - 2 * m, acceleration))
+    block = block.contiguous()
+    # patches[b, r, x, a, c] = block[b, acceleration * r + a, x + c]  (a strided view, no copy)
+    sb, sy, sx = block.stride()
+    patches = block.as_strided((n_pairs, n_rows, out_x, width, width), (sb, acceleration * sy, sx, sy, sx))
+    # FT[c f](k) = sum_m c_m F(k - m): patch offset (a, c) pairs with coefficient m = (m - a, m - c)
+    kernel = coef.flip(-2, -1).reshape(n_pairs, n_coils, width * width).transpose(1, 2)
+    out = torch.empty((n_pairs, n_rows * out_x, n_coils), dtype=block.dtype, device=block.device)
+    step = 16
+    for i in range(0, n_pairs, step):  # chunks bound the memory of the unfolded patches
+        p = patches[i : i + step].reshape(-1, n_rows * out_x, width * width)
+        out[i : i + step] = torch.bmm(p, kernel[i : i + step])
+    return out.transpose(1, 2).reshape(n_pairs, n_coils, n_rows, out_x)
 
 
 def simulate_image_domain(
