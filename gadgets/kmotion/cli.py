@@ -87,6 +87,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         from kmotion.io import load_base_images
 
         base = load_base_images(args.raw)
+        if args.pad_fov > 1:
+            base = base.padded(args.pad_fov)
         if tuple(base.images.shape[-2:]) != cfg.matrix:
             log.info(
                 "resampling %s from %s to the study matrix %s (k-space crop/zero-pad, FOV kept)",
@@ -154,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     _study_args(s)
     s.add_argument("--n-pairs", type=int, default=256)
     s.add_argument("--raw", default=None, help="use base images from this raw-data file instead of phantoms")
+    s.add_argument(
+        "--pad-fov",
+        type=float,
+        default=1.0,
+        help="with --raw: zero-pad the images so the FOV grows by this factor (object inside the circle)",
+    )
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_simulate)
 

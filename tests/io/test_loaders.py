@@ -421,3 +421,15 @@ def test_twix_dispatch_and_truncated(tmp_path: Path, twix_images: BaseImages) ->
     cut.write_bytes(TWIX.read_bytes()[:200_000])  # header intact, no (complete) scans
     with pytest.raises(InputError, match="cut.dat"):
         load_twix(cut)
+
+
+def test_padded_grows_fov_keeps_pixels_and_centre() -> None:
+    img = np.zeros((1, 1, 9, 8), dtype=np.complex64)
+    img[0, 0, 4, 4] = 1.0
+    base = BaseImages(img, (18.0, 16.0), "test")
+    pad = base.padded(1.5)
+    assert pad.images.shape == (1, 1, 14, 12)
+    assert pad.pixel_spacing_mm == pytest.approx(base.pixel_spacing_mm)
+    assert pad.images[0, 0, 14 // 2, 12 // 2] == 1.0
+    with pytest.raises(InputError, match="factor"):
+        base.padded(0.5)

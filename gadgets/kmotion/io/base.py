@@ -79,6 +79,22 @@ class BaseImages:
         """Copy with the matrix changed to ``new_shape`` by :func:`resize_matrix` (FOV unchanged)."""
         return BaseImages(resize_matrix(self.images, new_shape), self.fov_mm, self.source, list(self.labels))
 
+    def padded(self, factor: float) -> BaseImages:
+        """Copy zero-padded in the image domain so the FOV grows by ``factor`` (pixel size unchanged).
+
+        Use it when the object fills the FOV: the study's rotation is periodic and assumes objects inside
+        the inscribed circle.
+        """
+        if not factor >= 1.0:
+            raise InputError(f"{self.source}: padded: factor must be >= 1, got {factor}")
+        n_y, n_x = self.images.shape[-2:]
+        new = (int(round(n_y * factor)), int(round(n_x * factor)))
+        out = np.zeros((*self.images.shape[:-2], *new), dtype=np.complex64)
+        oy, ox = new[0] // 2 - n_y // 2, new[1] // 2 - n_x // 2  # keep the centre pixel at n // 2
+        out[..., oy : oy + n_y, ox : ox + n_x] = self.images
+        dy, dx = self.pixel_spacing_mm
+        return BaseImages(out, (new[0] * dy, new[1] * dx), self.source, list(self.labels))
+
 
 def resize_matrix(images: np.ndarray, new_shape: tuple[int, int]) -> np.ndarray:
     """Change the matrix of images by centred cropping / zero padding of their k-space.
