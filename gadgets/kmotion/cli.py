@@ -165,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_simulate)
 
+    sub.add_parser("train", help="train the network (options: kmotion train --help)", add_help=False)
+
     i = sub.add_parser("inspect", help="load raw data as base images (and plot them)")
     i.add_argument("path")
     i.add_argument("--out", default=None, help="PNG to write")
@@ -173,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # the training command owns its options
+        from model_training.train import main as train_main
+
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"

@@ -1,0 +1,140 @@
+"""The generic architecture of the abstract's Figure 1, every knob a config field.
+
+``n_conv`` convolutions of kernel ``k`` whose channels grow linearly from the input channels to
+``max_channels`` (28 in the abstract), each down-sampling by ``downsample_factor`` (strided convolution or
+max pooling) while the feature map stays at least ``min_size`` wide; a last convolution reduces to one
+channel; flatten; ``n_fully`` fully connected layers whose widths decrease linearly to the 6 outputs
+``(dx, dy, dz, phi_x, phi_y, phi_z)``.  Leaky ReLU followed by batch norm after every layer but the last,
+tanh on the output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+
+@dataclass
+class NetConfig:
+    """Architecture of :class:`KMotionNet` (stored next to the weights)."""
+
+    in_channels: int = 4
+    """4 per coil: Re/Im of reference and moved crop."""
+    crop: tuple[int, int] = (64, 64)
+    """Input size ``(s_y_crop, s_x_crop)``."""
+    n_conv: int = 4
+    kernel_size: int = 5
+    downsample: Literal["stride", "maxpool"] = "stride"
+    downsample_factor: int = 2
+    min_size: int = 4
+    """No further down-sampling once a side would drop below this."""
+    max_channels: int = 28
+    n_fully: int = 3
+    batch_norm: bool = True
+    init: Literal["uniform", "xavier"] = "uniform"
+    """Fully connected initialisation: uniform in ±``init_bound`` (abstract) or Xavier."""
+    init_bound: float = 0.075
+    leaky_slope: float = 0.01
+    n_outputs: int = 6
+
+    def __post_init__(self) -> None:
+        self.crop = (int(self.crop[0]), int(self.crop[1]))
+        checks = {
+            "in_channels": self.in_channels >= 1,
+            "n_conv": self.n_conv >= 1,
+            "kernel_size": self.kernel_size >= 1,
+            "downsample_factor": self.downsample_factor >= 1,
+            "n_fully": self.n_fully >= 1,
+            "max_channels": self.max_channels >= 1,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"NetConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.downsample not in ("stride", "maxpool"):
+            raise ValueError(f"NetConfig.downsample must be 'stride' or 'maxpool', got {self.downsample!r}")
+        if self.init not in ("uniform", "xavier"):
+            raise ValueError(f"NetConfig.init must be 'uniform' or 'xavier', got {self.init!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> NetConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"NetConfig: unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+
+class KMotionNet(nn.Module):
+    """Plain ``nn.Module`` rebuilt from a :class:`NetConfig`; input ``(B, in_channels, s_y, s_x)``."""
+
+    def __init__(self, config: NetConfig) -> None:
+        super().__init__()
+        self.config = cfg = config
+        layers: list[nn.Module] = []
+        size = list(cfg.crop)
+        c_in = cfg.in_channels
+        for i in range(cfg.n_conv):
+            c_out = round(cfg.in_channels + (cfg.max_channels - cfg.in_channels) * (i + 1) / cfg.n_conv)
+            f = cfg.downsample_factor
+            down = [f if s // f >= cfg.min_size else 1 for s in size]
+            k = cfg.kernel_size
+            layers.append(nn.ZeroPad2d(((k - 1) // 2, k // 2, (k - 1) // 2, k // 2)))  # "same" for any k
+            if cfg.downsample == "stride" and max(down) > 1:
+                layers.append(nn.Conv2d(c_in, c_out, k, stride=(down[0], down[1])))
+                size = [(s - 1) // d + 1 for s, d in zip(size, down, strict=True)]
+            else:
+                layers.append(nn.Conv2d(c_in, c_out, k))
+                if max(down) > 1:
+                    layers.append(nn.MaxPool2d((down[0], down[1])))
+                    size = [s // d for s, d in zip(size, down, strict=True)]
+            layers.append(nn.LeakyReLU(cfg.leaky_slope))
+            if cfg.batch_norm:
+                layers.append(nn.BatchNorm2d(c_out))
+            c_in = c_out
+        layers.append(nn.Conv2d(c_in, 1, 1))
+        layers.append(nn.LeakyReLU(cfg.leaky_slope))
+        if cfg.batch_norm:
+            layers.append(nn.BatchNorm2d(1))
+        self.features = nn.Sequential(*layers)
+        n_flat = size[0] * size[1]
+        self.n_flat = n_flat
+        widths = [round(n_flat + (cfg.n_outputs - n_flat) * i / cfg.n_fully) for i in range(cfg.n_fully + 1)]
+        widths[-1] = cfg.n_outputs
+        head: list[nn.Module] = []
+        self.fully: list[nn.Linear] = []
+        for i in range(cfg.n_fully):
+            lin = nn.Linear(widths[i], widths[i + 1])
+            self.fully.append(lin)
+            head.append(lin)
+            if i < cfg.n_fully - 1:
+                head.append(nn.LeakyReLU(cfg.leaky_slope))
+                if cfg.batch_norm:
+                    head.append(nn.BatchNorm1d(widths[i + 1]))
+        head.append(nn.Tanh())
+        self.head = nn.Sequential(*head)
+        self._init_fully()
+
+    def _init_fully(self) -> None:
+        for lin in self.fully:
+            if self.config.init == "xavier":
+                nn.init.xavier_uniform_(lin.weight)
+                nn.init.zeros_(lin.bias)
+            else:
+                b = self.config.init_bound
+                nn.init.uniform_(lin.weight, -b, b)
+                nn.init.uniform_(lin.bias, -b, b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        expected = (self.config.in_channels, *self.config.crop)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(
+                f"KMotionNet: expected input (B, {expected[0]}, {expected[1]}, {expected[2]}), "
+                f"got {tuple(x.shape)}"
+            )
+        return self.head(self.features(x).flatten(1))

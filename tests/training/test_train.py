@@ -1,0 +1,135 @@
+"""Training: the loop runs, learns, writes Figure 2 / checkpoint / weights, resumes; DDP with gloo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kmotion.network import KMotionNet, NetConfig, load_model
+from kmotion.simulation.study import StudyConfig
+from model_training.metrics import convergence, euclidean_loss, summarise
+from model_training.train import TrainConfig, main, train
+
+SMALL = dict(matrix=(64, 64), crop=(16, 16), motion_range=(6.0, 6.0, 6.0))
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(
+        study=StudyConfig(**SMALL),
+        net=NetConfig(n_conv=2, kernel_size=3),
+        n_train=384,
+        n_val=96,
+        epochs=2,
+        batch_size=32,
+        progress=False,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_training_writes_outputs_and_learns_translation(tmp_path: Path) -> None:
+    cfg = _cfg(epochs=6, n_train=1024, lr=3e-3)
+    result = train(cfg, tmp_path)
+    hist = result["history"]
+    assert len(hist) == 6
+    # trained network beats predicting zero (MAE of U[-6, 6] is 3 px)
+    assert min(h["mae_dx_px"] for h in hist) < 2.5
+    for name in ("model.safetensors", "model.json", "checkpoint.pt", "history.json", "figure2.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert any((tmp_path / "tensorboard").iterdir())
+    model, info = load_model(tmp_path / "model.safetensors")
+    assert info["study"]["matrix"] == [64, 64]
+    assert info["training"]["validation"]["mean_inplane_mae"] == pytest.approx(
+        min(h["mean_inplane_mae"] for h in hist), rel=1e-6
+    )
+    assert model(torch.zeros(2, 4, 16, 16)).shape == (2, 6)
+
+
+def test_resume_continues_from_checkpoint(tmp_path: Path) -> None:
+    train(_cfg(epochs=1), tmp_path)
+    result = train(_cfg(epochs=3), tmp_path, resume=True)
+    assert [h["epoch"] for h in result["history"]] == [1, 2, 3]
+    assert json.loads((tmp_path / "history.json").read_text())[-1]["epoch"] == 3
+
+
+def test_fresh_samples_mode_runs(tmp_path: Path) -> None:
+    result = train(_cfg(fresh=True, epochs=1, n_train=128), None)
+    assert len(result["history"]) == 1
+
+
+def test_metrics_definitions() -> None:
+    scale = torch.tensor([10.0, 10.0, 1.0, 1.0, 1.0, 5.0])
+    target = torch.zeros(4, 6)
+    pred = torch.zeros(4, 6)
+    pred[:, 0] = 0.1  # 1 px
+    pred[:, 5] = -0.2  # 1 deg
+    m = summarise(pred, target, scale)
+    assert m["mae_dx_px"] == pytest.approx(1.0) and m["mae_phi_deg"] == pytest.approx(1.0)
+    assert m["mean_inplane_mae"] == pytest.approx(2 / 3)
+    assert float(euclidean_loss(pred, target)) == pytest.approx((0.01 + 0.04) ** 0.5, rel=1e-5)
+    c = convergence([{**m, "mean_inplane_mae": v} for v in (7.0, 3.0, 1.5, 1.0)])
+    assert c["converged"] and c["epochs_to_convergence"] == 3
+    assert not convergence([{**m, "mean_inplane_mae": v} for v in (7.0, 6.5)])["converged"]
+
+
+def test_net_config_options() -> None:
+    for kw in (
+        dict(downsample="maxpool", kernel_size=4),
+        dict(batch_norm=False, init="xavier"),
+        dict(downsample_factor=3, n_fully=2),
+    ):
+        cfg = NetConfig(crop=(16, 16), n_conv=2, **kw)
+        assert KMotionNet(cfg)(torch.randn(3, 4, 16, 16)).shape == (3, 6)
+    with pytest.raises(ValueError, match="downsample"):
+        NetConfig(downsample="avg")  # type: ignore[arg-type]
+
+
+def test_cli_bad_option_is_clear(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["--out", str(tmp_path), "--loss", "mae", "--epochs", "0"]) == 2
+    assert "epochs" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_gloo(tmp_path: Path) -> None:
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [
+        str(torchrun),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "model_training.train",
+        "--out",
+        str(tmp_path),
+        "--matrix",
+        "64",
+        "64",
+        "--crop",
+        "16",
+        "16",
+        "--n-train",
+        "256",
+        "--n-val",
+        "64",
+        "--epochs",
+        "2",
+        "--n-conv",
+        "2",
+        "--kernel-size",
+        "3",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hist = json.loads((tmp_path / "history.json").read_text())
+    assert [h["epoch"] for h in hist] == [1, 2]
+    assert (tmp_path / "model.safetensors").exists()
