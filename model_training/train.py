@@ -396,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--downsample-factor", type=int)
     p.add_argument("--max-channels", type=int)
     p.add_argument("--init", choices=["uniform", "xavier"])
+    p.add_argument("--features", choices=["reim", "reim+mag", "reim+mag+cross"])
+    p.add_argument("--min-size", type=int)
+    p.add_argument("--weight-decay", type=float)
     p.add_argument("--no-batch-norm", action="store_true")
     p.add_argument("--train-raw", nargs="*", help="raw-data files as training base images")
     p.add_argument("--val-raw", nargs="*", help="raw-data files as validation base images")
@@ -429,6 +432,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         "downsample_factor",
         "max_channels",
         "init",
+        "features",
+        "min_size",
     ):
         if getattr(args, key) is not None:
             net[key] = getattr(args, key)
@@ -450,6 +455,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         "train_raw",
         "val_raw",
         "pad_fov",
+        "weight_decay",
     ):
         if getattr(args, key) is not None:
             top[key] = getattr(args, key)

@@ -39,6 +39,10 @@ class NetConfig:
     init_bound: float = 0.075
     leaky_slope: float = 0.01
     n_outputs: int = 6
+    features: Literal["reim", "reim+mag", "reim+mag+cross"] = "reim"
+    """Input representation computed inside the network from the 4 channels per coil: the abstract's
+    Re/Im only, plus log-magnitudes of reference and moved (translation-invariant, carries the rotation),
+    plus the normalised cross-power ``mov conj(ref) / |mov conj(ref)|`` (carries the translation ramp)."""
 
     def __post_init__(self) -> None:
         self.crop = (int(self.crop[0]), int(self.crop[1]))
@@ -55,6 +59,12 @@ class NetConfig:
                 raise ValueError(f"NetConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.downsample not in ("stride", "maxpool"):
             raise ValueError(f"NetConfig.downsample must be 'stride' or 'maxpool', got {self.downsample!r}")
+        if self.features not in ("reim", "reim+mag", "reim+mag+cross"):
+            raise ValueError(
+                f"NetConfig.features must be reim, reim+mag or reim+mag+cross, got {self.features!r}"
+            )
+        if self.in_channels % 4:
+            raise ValueError(f"NetConfig.in_channels must be 4 per coil, got {self.in_channels}")
         if self.init not in ("uniform", "xavier"):
             raise ValueError(f"NetConfig.init must be 'uniform' or 'xavier', got {self.init!r}")
 
@@ -78,7 +88,8 @@ class KMotionNet(nn.Module):
         self.config = cfg = config
         layers: list[nn.Module] = []
         size = list(cfg.crop)
-        c_in = cfg.in_channels
+        per_coil = {"reim": 4, "reim+mag": 6, "reim+mag+cross": 8}[cfg.features]
+        c_in = cfg.in_channels // 4 * per_coil
         for i in range(cfg.n_conv):
             c_out = round(cfg.in_channels + (cfg.max_channels - cfg.in_channels) * (i + 1) / cfg.n_conv)
             f = cfg.downsample_factor
@@ -137,4 +148,20 @@ class KMotionNet(nn.Module):
                 f"KMotionNet: expected input (B, {expected[0]}, {expected[1]}, {expected[2]}), "
                 f"got {tuple(x.shape)}"
             )
-        return self.head(self.features(x).flatten(1))
+        return self.head(self.features(self.represent(x)).flatten(1))
+
+    def represent(self, x: torch.Tensor) -> torch.Tensor:
+        """Input features from the ``(Re ref, Im ref, Re mov, Im mov)`` channels of each coil."""
+        if self.config.features == "reim":
+            return x
+        b, c, h, w = x.shape
+        q = x.reshape(b, c // 4, 4, h, w)
+        ref = torch.complex(q[:, :, 0].float(), q[:, :, 1].float())
+        mov = torch.complex(q[:, :, 2].float(), q[:, :, 3].float())
+        extra = [torch.log1p(ref.abs()), torch.log1p(mov.abs())]
+        if self.config.features == "reim+mag+cross":
+            cross = mov * ref.conj()
+            cross = cross / (cross.abs() + 1e-6)
+            extra += [cross.real, cross.imag]
+        feats = torch.cat([q, torch.stack(extra, dim=2).to(x.dtype)], dim=2)
+        return feats.reshape(b, -1, h, w)
