@@ -1,0 +1,1 @@
+"""Motion estimators: the network (shipped estimator) and the classical registration baseline."""
