@@ -55,6 +55,12 @@ class TrainConfig:
     """``none`` or ``cosine`` (to 1 % of ``lr`` over the run)."""
     loss: str = "euclidean"
     fresh: bool = False
+    pool: int = 0
+    """With ``fresh``: keep a pool of this many simulated pairs and replace ``pool_refresh`` of it each
+    epoch (cheaper than fully fresh pairs when simulation dominates); ``n_train`` pairs per epoch from it."""
+    pool_refresh: float = 0.25
+    augment_swap: bool = False
+    """Swap reference and moved for half the pairs; the target becomes the inverse motion (exact)."""
     """Draw new training pairs every epoch (on the fly) instead of the fixed ``n_train`` set."""
     seed: int = 0
     val_seed: int = 1_000_003
@@ -131,6 +137,30 @@ def make_pairs(
     return torch.cat(xs), torch.cat(ys)
 
 
+def swap_half(
+    x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, spacing: tuple[float, float], gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Swap reference and moved channels of a random half of the pairs and invert their motion.
+
+    If ``g = T_t R_phi f`` then ``f = T_t' R_-phi g`` with ``t' = -R(-phi) t`` (t in mm): exact.
+    """
+    flip = torch.rand(len(x), generator=gen, device=gen.device).to(x.device) < 0.5
+    b, c, h, w = x.shape
+    swapped = x.reshape(b, c // 4, 4, h, w)[:, :, [2, 3, 0, 1]].reshape(b, c, h, w)
+    motion = y * scale  # (dx px, dy px, 0, 0, 0, phi deg)
+    dy_mm, dx_mm = spacing
+    tx, ty = motion[:, 0] * dx_mm, motion[:, 1] * dy_mm
+    rad = torch.deg2rad(motion[:, 5])
+    cos, sin = torch.cos(rad), torch.sin(rad)
+    inv = motion.clone()
+    inv[:, 0] = -(cos * tx + sin * ty) / dx_mm
+    inv[:, 1] = -(-sin * tx + cos * ty) / dy_mm
+    inv[:, 5] = -motion[:, 5]
+    x = torch.where(flip[:, None, None, None], swapped, x)
+    y = torch.where(flip[:, None], inv / scale, y)
+    return x, y
+
+
 def _dist_info() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -184,6 +214,8 @@ def train(
     x_tr = y_tr = None
     if not cfg.fresh:
         x_tr, y_tr = make_pairs(sim, train_src, cfg.n_train, cfg.seed)
+    elif cfg.pool > 0:
+        x_tr, y_tr = make_pairs(sim, train_src, cfg.pool, cfg.seed + 17 * (rank + 1))
     if rank == 0:
         log.info(
             "simulated %s training and %d validation pairs in %.1f s on %s",
@@ -237,6 +269,20 @@ def train(
         t_epoch = time.perf_counter()
         perm = torch.randperm(cfg.n_train, generator=torch.Generator().manual_seed(cfg.seed + epoch))
         perm = perm[rank::world]
+        if cfg.fresh and cfg.pool > 0:
+            assert x_tr is not None and y_tr is not None
+            if epoch > start_epoch or start_epoch > 1:
+                n_new = max(1, int(cfg.pool * cfg.pool_refresh))
+                where = torch.randperm(
+                    cfg.pool, generator=torch.Generator().manual_seed(cfg.seed * 31 + epoch)
+                )
+                x_new, y_new = make_pairs(sim, train_src, n_new, cfg.seed + 1000 * epoch + rank)
+                where = where[:n_new].to(device)
+                x_tr[where] = x_new
+                y_tr[where] = y_new
+            perm = torch.randint(
+                cfg.pool, (len(perm),), generator=torch.Generator().manual_seed(cfg.seed + epoch)
+            )
         total, count = 0.0, 0
         bar = tqdm(
             range(0, len(perm), cfg.batch_size),
@@ -246,7 +292,7 @@ def train(
             leave=False,
         )
         for i in bar:
-            if cfg.fresh:
+            if cfg.fresh and cfg.pool == 0:
                 b = sample_pairs(sim, train_src, min(cfg.batch_size, len(perm) - i), gen)
                 xb, yb = b.inputs, b.targets
             else:
@@ -255,6 +301,8 @@ def train(
                 xb, yb = x_tr[idx], y_tr[idx]
             if len(xb) < 2 and cfg.net.batch_norm:
                 continue  # batch norm needs two samples
+            if cfg.augment_swap:
+                xb, yb = swap_half(xb, yb, scale, study.pixel_spacing_mm, gen)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 loss = loss_fn(model(xb).float(), yb)
             opt.zero_grad(set_to_none=True)
@@ -379,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-schedule", choices=["none", "cosine"])
     p.add_argument("--loss", choices=sorted(LOSSES))
     p.add_argument("--fresh", action="store_true", default=None, help="new pairs every epoch (on the fly)")
+    p.add_argument("--pool", type=int, help="with --fresh: size of the refreshed pool of simulated pairs")
+    p.add_argument("--pool-refresh", type=float, help="fraction of the pool replaced every epoch")
+    p.add_argument("--augment-swap", action="store_true", default=None, help="swap reference/moved (exact)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto, cpu or cuda")
     p.add_argument("--amp", action="store_true", default=None)
@@ -449,6 +500,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         "lr_schedule",
         "loss",
         "fresh",
+        "pool",
+        "pool_refresh",
+        "augment_swap",
         "seed",
         "device",
         "amp",

@@ -133,3 +133,39 @@ def test_ddp_two_processes_gloo(tmp_path: Path) -> None:
     hist = json.loads((tmp_path / "history.json").read_text())
     assert [h["epoch"] for h in hist] == [1, 2]
     assert (tmp_path / "model.safetensors").exists()
+
+
+def test_swap_augmentation_is_the_exact_inverse_motion() -> None:
+    """Simulate (ref, mov) with motion m and (mov-object as reference) check: swap gives inverse motion."""
+    from kmotion.physics.motion import apply_motion_image
+    from kmotion.simulation.study import StudySimulator
+    from model_training.train import swap_half
+
+    study = StudyConfig(matrix=(64, 60), fov_mm=(220.0, 200.0), crop=(16, 16), standardise=False)
+    sim = StudySimulator(study)
+    y = (torch.arange(64) - 32).double()[:, None] * study.pixel_spacing_mm[0]
+    x = (torch.arange(60) - 30).double()[None] * study.pixel_spacing_mm[1]
+    obj = torch.exp(-((x - 15) ** 2 + (y + 10) ** 2) / 300) + torch.exp(-((x + 20) ** 2 + y**2) / 200)
+    obj = obj.to(torch.complex64)[None, None]
+    motion = torch.tensor([[3.0, -2.0, 9.0]], dtype=torch.float64)
+    batch = sim.simulate(obj, motion, torch.zeros(1, dtype=torch.long))
+    scale = study.target_scale()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):  # until the random half includes our pair
+        xs, ys = swap_half(batch.inputs, batch.targets, scale, study.pixel_spacing_mm, gen)
+        if not torch.equal(xs, batch.inputs):
+            break
+    inv = (ys * scale)[0, [0, 1, 5]].double()
+    # simulating the inverse motion from the moved object reproduces the original reference
+    moved_obj = apply_motion_image(obj[0], 3.0, -2.0, 9.0, study.pixel_spacing_mm)[None]
+    back = sim.simulate(moved_obj, inv[None], torch.zeros(1, dtype=torch.long))
+    rel = (back.moved - batch.reference).norm() / batch.reference.norm()
+    assert float(rel) < 1e-3
+    torch.testing.assert_close(xs[0, :2], batch.inputs[0, 2:])
+
+
+def test_pool_mode_runs(tmp_path: Path) -> None:
+    result = train(
+        _cfg(fresh=True, pool=128, pool_refresh=0.5, augment_swap=True, epochs=2, n_train=128), None
+    )
+    assert len(result["history"]) == 2
