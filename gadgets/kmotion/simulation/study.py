@@ -28,7 +28,7 @@ from kmotion.physics.motion import apply_motion_image, to_six_vector
 from kmotion.physics.nufft import CentralSpectrum
 from kmotion.physics.sampling import crop_row_indices, crop_undersampled
 from kmotion.physics.standardise import standardise_pair, to_channels
-from kmotion.physics.validate import InputError
+from kmotion.physics.validate import InputError, check_complex
 
 
 @dataclass
@@ -210,7 +210,7 @@ class StudySimulator:
                 f"got {tuple(objects.shape)}"
             )
         dev = self.device
-        objects = objects.to(dev, torch.complex64)
+        objects = check_complex(objects, "objects", min_ndim=4).to(dev, torch.complex64)
         motion = motion.to(dev, torch.float64)
         base_index = base_index.to(dev)
         n_pairs = motion.shape[0]
