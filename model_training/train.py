@@ -439,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--range", type=float, nargs=3, dest="motion_range")
     p.add_argument("--coils", type=int)
     p.add_argument("--snr", type=float)
+    p.add_argument("--snr-range", type=float, nargs=2, help="per-image SNR, log-uniform in [LOW, HIGH]")
+    p.add_argument("--virtual-coils", type=int, help="compress coils to this many virtual coils (SVD)")
     p.add_argument("--no-standardise", action="store_true")
     p.add_argument("--kernel-size", type=int)
     p.add_argument("--n-conv", type=int)
@@ -470,6 +472,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         ("motion_range", "motion_range"),
         ("coils", "n_coils"),
         ("snr", "snr"),
+        ("snr_range", "snr_range"),
+        ("virtual_coils", "virtual_coils"),
     ):
         if getattr(args, key) is not None:
             study[dest] = getattr(args, key)

@@ -184,3 +184,34 @@ def test_nan_objects_are_rejected() -> None:
     obj[0, 0, 3, 3] = float("nan")
     with pytest.raises(InputError, match="non-finite"):
         StudySimulator(cfg).simulate(obj, torch.zeros(1, 3), torch.zeros(1, dtype=torch.long))
+
+
+def test_coil_compression_uses_the_same_weights_for_both() -> None:
+    from kmotion.simulation.study import compress_coils
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(3, 5, 8, 8, dtype=torch.complex64, generator=g)
+    v_ref, v_ref2 = compress_coils(ref, ref.clone(), 1)
+    torch.testing.assert_close(v_ref, v_ref2)
+    assert v_ref.shape == (3, 1, 8, 8)
+    # all virtual coils keep all energy
+    full, _ = compress_coils(ref, ref, 5)
+    torch.testing.assert_close(
+        full.abs().pow(2).sum((1, 2, 3)), ref.abs().pow(2).sum((1, 2, 3)), rtol=1e-4, atol=0
+    )
+    # the leading virtual coil captures the most energy of any unit-norm combination
+    first = v_ref.abs().pow(2).sum((1, 2, 3))
+    assert bool((first >= ref[:, :1].abs().pow(2).sum((1, 2, 3)) / 1.0001).all())
+    # virtual coil's centre sample is real and positive
+    centre = v_ref[:, 0, 4, 4]
+    assert float(centre.imag.abs().max()) < 1e-4 and bool((centre.real > 0).all())
+
+
+def test_snr_range_and_virtual_coils_in_simulation() -> None:
+    from kmotion.simulation.sources import PhantomSource, sample_pairs
+
+    cfg = StudyConfig(matrix=(64, 64), crop=(8, 16), n_coils=4, virtual_coils=1, snr_range=(10.0, 100.0))
+    batch = sample_pairs(StudySimulator(cfg), PhantomSource(cfg), 8, torch.Generator().manual_seed(0))
+    assert batch.inputs.shape == (8, 4, 8, 16)
+    with pytest.raises(InputError, match="snr_range"):
+        StudyConfig(snr_range=(10.0, 5.0))

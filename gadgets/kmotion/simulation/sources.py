@@ -57,7 +57,14 @@ class PhantomSource:
             coef = make_coil_coefficients(
                 n_base, cfg.n_coils, cfg.matrix, cfg.fov_mm, cfg.coil_half_width, generator, self.device
             )
-        sigma = snr_sigma(objects, cfg.snr) if cfg.snr is not None else None
+        sigma = None
+        if cfg.snr_range is not None:
+            lo, hi = cfg.snr_range
+            u = torch.rand(n_base, generator=generator, device=generator.device if generator else "cpu")
+            snr = torch.exp(math.log(lo) + u.to(objects.device) * (math.log(hi) - math.log(lo)))
+            sigma = snr_sigma(objects, snr)
+        elif cfg.snr is not None:
+            sigma = snr_sigma(objects, cfg.snr)
         return BaseDraw(objects[:, None], coef, sigma)
 
 

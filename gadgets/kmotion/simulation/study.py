@@ -53,6 +53,11 @@ class StudyConfig:
     """Coil maps are Fourier series with ``|m| <= coil_half_width``."""
     snr: float | None = None
     """Complex Gaussian noise at this SNR (definition in ``kmotion.simulation.phantoms``); None: no noise."""
+    snr_range: tuple[float, float] | None = None
+    """Per base image SNR drawn log-uniformly from this range (overrides ``snr``; training variety)."""
+    virtual_coils: int = 0
+    """Compress the coils to this many virtual coils (SVD of the reference crop, same weights for the moved
+    crop; 0 = off) before standardisation: one network then serves any coil count."""
     standardise: bool = True
     kernel_width: int = 5
     """Interpolation kernel taps of the fast path (accuracy vs. speed, see ``kmotion.physics.nufft``)."""
@@ -79,6 +84,12 @@ class StudyConfig:
                 "StudyConfig.n_coils and pairs_per_base must be >= 1, "
                 f"got {self.n_coils}, {self.pairs_per_base}"
             )
+        if self.snr_range is not None:
+            self.snr_range = (float(self.snr_range[0]), float(self.snr_range[1]))
+            if not 0 < self.snr_range[0] <= self.snr_range[1]:
+                raise InputError(f"StudyConfig.snr_range must be 0 < low <= high, got {self.snr_range}")
+        if self.virtual_coils < 0:
+            raise InputError(f"StudyConfig.virtual_coils must be >= 0, got {self.virtual_coils}")
         if self.snr is not None and self.snr <= 0:
             raise InputError(f"StudyConfig.snr must be positive or None, got {self.snr}")
         n_y, n_x = self.matrix
@@ -258,6 +269,8 @@ class StudySimulator:
             moved = moved + sig * torch.randn(moved.shape, dtype=torch.complex64, generator=generator).to(
                 dev
             ) * math.sqrt(2)
+        if cfg.virtual_coils and ref.shape[1] > cfg.virtual_coils:
+            ref, moved = compress_coils(ref, moved, cfg.virtual_coils)
         if cfg.standardise:
             ref, moved, _ = standardise_pair(ref, moved)
         six = to_six_vector(motion[:, 0], motion[:, 1], motion[:, 2]).to(torch.float32)
@@ -270,6 +283,28 @@ class StudySimulator:
             moved=moved,
             base_index=base_index,
         )
+
+
+def compress_coils(
+    reference: torch.Tensor, moved: torch.Tensor, n_virtual: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compress coils ``(B, n_coils, s_y, s_x)`` to ``n_virtual`` virtual coils, per pair.
+
+    The weights are the leading left singular vectors of the reference crop (coils x samples); the same
+    weights apply to the moved crop (receive coils do not move with the patient).
+    """
+    b, c, h, w = reference.shape
+    u, _, _ = torch.linalg.svd(reference.reshape(b, c, h * w), full_matrices=False)
+    weights = u[:, :, :n_virtual].conj().transpose(1, 2)  # (B, n_virtual, C)
+    # fix the arbitrary phase of each singular vector: make the virtual coil's DC sample real positive
+    v_ref = weights @ reference.reshape(b, c, h * w)
+    dc = v_ref[:, :, (h // 2) * w + w // 2]
+    phase = torch.where(dc.abs() > 0, dc.conj() / dc.abs().clamp_min(1e-30), torch.ones_like(dc))
+    weights = weights * phase[..., None]
+    return (
+        (weights @ reference.reshape(b, c, h * w)).reshape(b, n_virtual, h, w),
+        (weights @ moved.reshape(b, c, h * w)).reshape(b, n_virtual, h, w),
+    )
 
 
 def _dft_matrix(freqs: torch.Tensor, n: int) -> torch.Tensor:
