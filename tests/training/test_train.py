@@ -169,3 +169,16 @@ def test_pool_mode_runs(tmp_path: Path) -> None:
         _cfg(fresh=True, pool=128, pool_refresh=0.5, augment_swap=True, epochs=2, n_train=128), None
     )
     assert len(result["history"]) == 2
+
+
+def test_reproduce_runs_and_resumes(tmp_path: Path) -> None:
+    from model_training.reproduce import run_all
+
+    tiny = dict(n_train=64, n_val=32, epochs=1, study=dict(matrix=(64, 64), crop=(16, 16)))
+    rows = run_all(tmp_path, reduced=True, only=["baseline", "xavier"], device="cpu", overrides=tiny)
+    assert [r["run"] for r in rows] == ["baseline", "xavier"]
+    text = (tmp_path / "summary.md").read_text()
+    assert "| baseline |" in text and "Xavier" in text
+    mtime = (tmp_path / "baseline" / "history.json").stat().st_mtime
+    run_all(tmp_path, reduced=True, only=["baseline"], device="cpu", overrides=tiny)
+    assert (tmp_path / "baseline" / "history.json").stat().st_mtime == mtime  # finished runs are skipped
