@@ -14,7 +14,7 @@ import torch
 from kmotion.network import KMotionNet, load_model
 from kmotion.physics.standardise import standardise_pair, to_channels
 from kmotion.physics.validate import InputError
-from kmotion.simulation.study import StudyConfig
+from kmotion.simulation.study import StudyConfig, compress_coils
 
 
 @dataclass
@@ -62,6 +62,10 @@ class NetworkEstimator:
                 f"{tuple(reference.shape)} and {tuple(moved.shape)}"
             )
         expected = (self.model.config.in_channels // 4, *self.model.config.crop)
+        if reference.shape[1] > expected[0]:  # more coils than the network reads: virtual coils (SVD)
+            reference, moved = compress_coils(
+                reference.to(torch.complex64), moved.to(torch.complex64), expected[0]
+            )
         if tuple(reference.shape[1:]) != expected:
             raise InputError(
                 f"estimate: crops must be (B, {expected[0]}, {expected[1]}, {expected[2]}) for this "
