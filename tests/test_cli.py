@@ -60,7 +60,7 @@ def test_bad_config_gives_clear_error(capsys: pytest.CaptureFixture[str]) -> Non
 
 
 def test_simulate_from_twix_raw_data(tmp_path: Path) -> None:
-    from conftest import SHARED_DIR
+    from _helpers import SHARED_DIR
 
     twix = SHARED_DIR / "data" / "siemens_twix_gre_phantom.dat"
     if not twix.exists():

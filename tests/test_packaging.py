@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import tomllib
 
-from conftest import REPO_ROOT
+from _helpers import REPO_ROOT
 
 
 def _norm(spec: str) -> tuple[str, str]:

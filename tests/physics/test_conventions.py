@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import smooth_object
+from _helpers import smooth_object
 
 from kmotion.physics import (
     InputError,

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import smooth_object
+from _helpers import smooth_object
 
 from kmotion.physics import fft2c
 from kmotion.physics.nufft import CentralSpectrum

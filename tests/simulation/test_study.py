@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import smooth_object
+from _helpers import smooth_object
 
 from kmotion.physics import InputError
 from kmotion.simulation.study import (
