@@ -203,14 +203,12 @@ def train(
     out = Path(out_dir) if out_dir is not None else None
     torch.manual_seed(cfg.seed)
     study = cfg.study
-    n_in = 4 * (study.n_coils if not cfg.train_raw else 0)
     sim = StudySimulator(study, device)
     train_src = _source(cfg, cfg.train_raw, device)
     val_src = _source(cfg, cfg.val_raw or cfg.train_raw, device)
     t0 = time.perf_counter()
     x_val, y_val = make_pairs(sim, val_src, cfg.n_val, cfg.val_seed)
-    n_in = x_val.shape[1]
-    cfg.net.in_channels = n_in
+    cfg.net.in_channels = x_val.shape[1]
     x_tr = y_tr = None
     if not cfg.fresh:
         x_tr, y_tr = make_pairs(sim, train_src, cfg.n_train, cfg.seed)
@@ -415,7 +413,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kmotion train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    d = TrainConfig()
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--config", help="JSON file with a TrainConfig (command-line options override it)")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
@@ -457,7 +454,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-raw", nargs="*", help="raw-data files as validation base images")
     p.add_argument("--pad-fov", type=float)
     p.add_argument("--no-progress", action="store_true")
-    _ = d
     return p
 
 

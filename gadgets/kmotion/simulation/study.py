@@ -186,6 +186,12 @@ class StudySimulator:
             _dft_matrix(rows.to(torch.float64), cfg.matrix[0]).to(self.device),
             _dft_matrix(_crop_frequencies(cfg, 0)[1], cfg.matrix[1]).to(self.device),
         )
+        # with fixed coils: exact DFT rows/cols of the padded, fully sampled block around the crop
+        self._block_mats = (
+            (_dft_matrix(ky, cfg.matrix[0]).to(self.device), _dft_matrix(kx, cfg.matrix[1]).to(self.device))
+            if self.pad
+            else self._ref_mats
+        )
 
     # ------------------------------------------------------------------ core
     def simulate(
@@ -251,9 +257,7 @@ class StudySimulator:
             coef = coil_coefficients.to(dev, torch.complex64)[base_index]  # (B, C, 2M+1, 2M+1)
             moved = _apply_coils(moved[:, 0], coef, cfg.acceleration)
             # reference: the same coil convolution on the exact (unmoved) spectrum
-            ky_b, kx_b = self.ky, self.kx
-            a_yb = _dft_matrix(ky_b.cpu(), n_y).to(dev)
-            a_xb = _dft_matrix(kx_b.cpu(), n_x).to(dev)
+            a_yb, a_xb = self._block_mats
             ref_block = a_yb @ objects[:, 0] @ a_xb.transpose(0, 1)  # (n_base, Ly, Lx)
             ref = _apply_coils(ref_block[base_index], coef, cfg.acceleration)
         else:
@@ -262,13 +266,10 @@ class StudySimulator:
         moved = moved[..., :s_y, :s_x]
 
         if noise_sigma is not None:
-            sig = noise_sigma.to(dev, torch.float32)[base_index].reshape(-1, 1, 1, 1) / math.sqrt(2)
-            ref = ref + sig * torch.randn(ref.shape, dtype=torch.complex64, generator=generator).to(
-                dev
-            ) * math.sqrt(2)
-            moved = moved + sig * torch.randn(moved.shape, dtype=torch.complex64, generator=generator).to(
-                dev
-            ) * math.sqrt(2)
+            # complex randn has E|n|^2 = 1, so sigma scales it directly
+            sig = noise_sigma.to(dev, torch.float32)[base_index].reshape(-1, 1, 1, 1)
+            ref = ref + sig * torch.randn(ref.shape, dtype=torch.complex64, generator=generator).to(dev)
+            moved = moved + sig * torch.randn(moved.shape, dtype=torch.complex64, generator=generator).to(dev)
         if cfg.virtual_coils and ref.shape[1] > cfg.virtual_coils:
             ref, moved = compress_coils(ref, moved, cfg.virtual_coils)
         if cfg.standardise:
