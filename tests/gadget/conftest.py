@@ -154,3 +154,111 @@ def ism() -> SimpleNamespace:
         slice_lines=slice_lines,
         undersampled_rows=undersampled_rows,
     )
+
+
+def motion_stream(
+    n_ky: int = 128,
+    n_kx: int = 128,
+    fov_mm: tuple[float, float] = (220.0, 220.0),
+    n_coils: int = 4,
+    motions: tuple[tuple[float, float, float], ...] = ((0.0, 0.0, 0.0), (2.0, -1.5, 6.0)),
+    n_slices: int = 1,
+    n_acs: int = 16,
+    acceleration: int = 2,
+    parity: int = 0,
+    seed: int = 0,
+    noise: float = 0.0,
+    read_dir: tuple[float, float, float] = (1.0, 0.0, 0.0),
+    phase_dir: tuple[float, float, float] = (0.0, 1.0, 0.0),
+    extras: bool = True,
+) -> SimpleNamespace:
+    """A multi-coil Cartesian stream of phantoms with known rigid motion per repetition.
+
+    Repetition ``r`` of every slice is the phantom moved by ``motions[r]`` = (dx_px, dy_px, phi_deg)
+    (``kmotion.physics.apply_motion_image``, pixel spacing from ``fov_mm``); coils do not move.  Rows with
+    ``(row - n_ky // 2) % acceleration == parity`` are acquired; repetition 0 is preceded by ``n_acs``
+    calibration-only centre lines (``ACQ_IS_PARALLEL_CALIBRATION``).  ``extras`` adds a noise line first
+    and a waveform after the first slice.  Returns header, items, the true coil maps, objects and the fully
+    sampled k-space per (slice, repetition).
+    """
+    import torch
+
+    from kmotion.physics import apply_motion_image, fft2c
+    from kmotion.simulation.phantoms import (
+        add_complex_noise,
+        coil_maps_from_coefficients,
+        make_coil_coefficients,
+        make_phantoms,
+    )
+
+    shape = (n_ky, n_kx)
+    spacing = (fov_mm[0] / n_ky, fov_mm[1] / n_kx)
+    objects = make_phantoms(n_slices, shape, fov_mm, generator=seed)
+    coef = make_coil_coefficients(n_slices, n_coils, shape, fov_mm, generator=seed + 1)
+    maps = coil_maps_from_coefficients(coef, shape)
+    header = make_header(
+        n_ky, n_kx, fov_mm, n_slices=n_slices, n_reps=len(motions), acceleration=acceleration
+    )
+    gen = torch.Generator().manual_seed(seed + 2)
+    rows = undersampled_rows(n_ky, parity, acceleration)
+    c = n_ky // 2
+    items: list[object] = []
+    full: dict[tuple[int, int], np.ndarray] = {}
+    counter = 0
+
+    def stamp(acq: ismrmrd.Acquisition, s: int) -> ismrmrd.Acquisition:
+        nonlocal counter
+        acq.scan_counter = counter
+        acq.acquisition_time_stamp = 1000 + 10 * counter
+        acq.read_dir[:] = read_dir
+        acq.phase_dir[:] = phase_dir
+        acq.slice_dir[:] = np.cross(read_dir, phase_dir).tolist()
+        acq.position[:] = [0.0, 0.0, 5.0 * s]
+        acq.patient_table_position[:] = [0.0, 0.0, -100.0]
+        counter += 1
+        return acq
+
+    if extras:
+        items.append(
+            stamp(
+                make_acq(
+                    np.zeros((n_coils, n_kx), np.complex64), 0, flags=(ismrmrd.ACQ_IS_NOISE_MEASUREMENT,)
+                ),
+                0,
+            )
+        )
+    for r, (dx, dy, phi) in enumerate(motions):
+        moved = apply_motion_image(objects, dx, dy, phi, spacing)
+        k = fft2c(maps * moved[:, None])
+        if noise > 0:
+            k = add_complex_noise(k, noise, gen)
+        for s in range(n_slices):
+            ks = k[s].numpy().astype(np.complex64)
+            full[(s, r)] = ks
+            if r == 0 and n_acs:
+                for row in range(c - n_acs // 2, c - n_acs // 2 + n_acs):
+                    acs = make_acq(
+                        ks[:, row], row, slice_=s, rep=r, flags=(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION,)
+                    )
+                    items.append(stamp(acs, s))
+            for i, acq in enumerate(slice_lines(ks, rows, c, slice_=s, rep=r)):
+                acq.idx.segment = i // 4
+                items.append(stamp(acq, s))
+            if extras and r == 0 and s == 0:
+                items.append(ismrmrd.Waveform.from_array(np.arange(20, dtype=np.uint32).reshape(1, 20)))
+    return SimpleNamespace(
+        header=header,
+        items=items,
+        maps=maps,
+        objects=objects,
+        full=full,
+        spacing=spacing,
+        rows=rows,
+        motions=motions,
+    )
+
+
+@pytest.fixture
+def stream_factory() -> Callable[..., SimpleNamespace]:
+    """:func:`motion_stream`: a multi-coil stream with known motion per repetition."""
+    return motion_stream

@@ -1,5 +1,8 @@
-"""Streaming gadget stages (``Iterable[In] -> Iterator[Out]``): buffer imaging lines, assemble slices."""
+"""Streaming gadget stages (``Iterable[In] -> Iterator[Out]``): buffer imaging lines, assemble slices,
+estimate and correct motion (:class:`MotionCorrector`), reconstruct images (:func:`reconstruct_images`)."""
 
+from kmotion.gadget.pipeline import GadgetParams, MotionCorrector, MotionReport, motion_correct
+from kmotion.gadget.recon import reconstruct_images, reconstruct_slice
 from kmotion.gadget.stages import (
     AssembledSlice,
     SliceBuffer,
@@ -9,4 +12,17 @@ from kmotion.gadget.stages import (
     buffer_slices,
 )
 
-__all__ = ["AssembledSlice", "SliceBuffer", "SliceGeometry", "SliceKey", "assemble", "buffer_slices"]
+__all__ = [
+    "AssembledSlice",
+    "GadgetParams",
+    "MotionCorrector",
+    "MotionReport",
+    "SliceBuffer",
+    "SliceGeometry",
+    "SliceKey",
+    "assemble",
+    "buffer_slices",
+    "motion_correct",
+    "reconstruct_images",
+    "reconstruct_slice",
+]

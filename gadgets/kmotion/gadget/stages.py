@@ -235,7 +235,7 @@ def _measure_pattern(rows: np.ndarray, n_ky: int) -> tuple[int, int]:
     return accel, int(res[np.argmax(rc)])
 
 
-def assemble(buffer: SliceBuffer) -> AssembledSlice:
+def assemble(buffer: SliceBuffer, quiet: bool = False) -> AssembledSlice:
     """Place the lines of ``buffer`` on the centred k-space grid.
 
     Rows: ``row = ky - center + n_ky // 2`` (``center`` from ``encodingLimits.kspace_encoding_step_1``);
@@ -319,7 +319,7 @@ def assemble(buffer: SliceBuffer) -> AssembledSlice:
         ks = fft1c(crop_readout(ifft1c(ks, dim=-1), n_x), dim=-1)
     fov_y = enc.encoded_fov_mm[1]
     first = acqs[0]
-    if reasons:
+    if reasons and not quiet:
         log.info("slice %s not correctable: %s", tuple(buffer.key), "; ".join(reasons))
     return AssembledSlice(
         key=buffer.key,

@@ -24,18 +24,29 @@ from kmotion.physics.sampling import (
     remove_rows,
     row_mask,
 )
+from kmotion.physics.sense import (
+    MotionSense,
+    calibration_block,
+    coil_maps_lowres,
+    conjugate_gradient,
+    sense_reconstruct,
+)
 from kmotion.physics.standardise import standardise_pair
 from kmotion.physics.validate import InputError, check_complex
 
 __all__ = [
     "InputError",
+    "MotionSense",
     "RigidMotion",
     "acquired_rows",
     "apply_motion_image",
     "apply_motion_kspace",
+    "calibration_block",
     "center_crop",
     "centered_indices",
     "check_complex",
+    "coil_maps_lowres",
+    "conjugate_gradient",
     "crop_undersampled",
     "fft2c",
     "ifft2c",
@@ -46,6 +57,7 @@ __all__ = [
     "rotate_image",
     "rotate_kspace",
     "row_mask",
+    "sense_reconstruct",
     "standardise_pair",
     "to_six_vector",
     "undo_motion_kspace",
