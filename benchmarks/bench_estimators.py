@@ -1,9 +1,11 @@
 """Network estimator vs. the classical registration on the same held-out simulated pairs.
 
 Prints MAE per parameter (dx, dy px; phi deg), medians, gross-failure rate (> 3 px/deg) and ms per pair for
-the shipped estimator (or ``--model PATH``), the classical registration (Fourier-Mellin + phase
-correlation + data-consistency refinement) and its plain variant, at the abstract's setting and optionally
-at SNR 20, with 8 coils and at 256x216 (readout 256, 216 phase-encoding rows, square pixels).
+the shipped estimator (network + data-consistency refinement; or ``--model PATH``), the network alone, the
+classical registration (Fourier-Mellin + phase correlation + the same data-consistency refinement, seeded
+by Fourier-Mellin instead of the network) and the plain classical baseline (Fourier-Mellin + phase
+correlation), at the abstract's setting and at SNR 20, with 8 coils and at 256x216 (readout 256, 216
+phase-encoding rows, square pixels).
 
 Run:  .venv/bin/python benchmarks/bench_estimators.py --pairs 2000 [--settings default snr20 coils8 256x216]
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,7 +22,6 @@ import torch
 from kmotion.estimation.classical import register_classical
 from kmotion.estimation.metrics import evaluate
 from kmotion.estimation.network import NetworkEstimator
-from kmotion.estimation.prepare import to_network_grid
 from kmotion.simulation.sources import PhantomSource, sample_pairs
 from kmotion.simulation.study import StudyConfig, StudySimulator
 
@@ -59,6 +61,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     est = NetworkEstimator.load(args.model, device="cpu")
+    net_only = NetworkEstimator.load(args.model, device="cpu", refine=False)
     net_study = est.study
     print(
         f"estimators on held-out phantoms (seed {args.seed}), torch {torch.__version__}, "
@@ -75,20 +78,20 @@ def main() -> None:
             StudySimulator(cfg), PhantomSource(cfg), args.pairs, torch.Generator().manual_seed(args.seed)
         )
 
-        def net_fn(ref: torch.Tensor, mov: torch.Tensor, cfg: StudyConfig = cfg) -> torch.Tensor:
-            if cfg.matrix == net_study.matrix and cfg.fov_mm == net_study.fov_mm:
-                return est.estimate(ref, mov).motion
-            r, m, grid = to_network_grid(ref, mov, cfg.fov_mm, net_study.matrix, net_study.crop)
-            out = est.estimate(r, m).motion.clone()
-            dy_mm, dx_mm = cfg.pixel_spacing_mm
-            out[:, 0] *= grid.mm_per_net_px[1] / dx_mm
-            out[:, 1] *= grid.mm_per_net_px[0] / dy_mm
-            return out
+        def estimator(
+            e: NetworkEstimator, cfg: StudyConfig = cfg
+        ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+            def run(ref: torch.Tensor, mov: torch.Tensor) -> torch.Tensor:
+                if cfg.matrix == net_study.matrix and cfg.fov_mm == net_study.fov_mm:
+                    return e.estimate(ref, mov).motion
+                return e.estimate_data(ref, mov, cfg.matrix, cfg.fov_mm, cfg.acceleration).motion
 
-        rows = [("network", net_fn)]
+            return run
+
+        rows = [("network + refinement (shipped)", estimator(est)), ("network alone", estimator(net_only))]
         if not args.skip_classical:
             rows += [
-                ("classical", lambda r, m, c=ccfg: register_classical(r, m, c)),
+                ("classical (FM + PC + refinement)", lambda r, m, c=ccfg: register_classical(r, m, c)),
                 ("classical (plain FM + PC)", lambda r, m, c=ccfg: register_classical(r, m, c, refine=False)),
             ]
         for label, fn in rows:

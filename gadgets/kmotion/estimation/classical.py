@@ -513,6 +513,7 @@ def register_classical(
     search_range: tuple[float, float, float] | None = None,
     *,
     refine: bool = True,
+    initial: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Estimate the rigid in-plane motion between two under-sampled k-space crops (classical baseline).
 
@@ -531,6 +532,9 @@ def register_classical(
     refine
         ``False``: the plain baseline (magnitude Fourier–Mellin rotation, then phase correlation) without
         the complex-coherence rotation search (step 4 of the module docstring).
+    initial
+        ``(B, 3)`` seed ``(dx, dy, phi)``, e.g. the network's estimate: its angle replaces the magnitude
+        (Fourier–Mellin) estimate of step 1 as the extra candidate of the coherence search (step 4).
 
     Returns
     -------
@@ -557,10 +561,14 @@ def register_classical(
     moved = moved / scale[:, None, None, None]
 
     phi = torch.zeros(n, dtype=torch.float64, device=dev)
-    if rphi > 0:
-        phi = _MagnitudeRotation(geo, rphi).estimate(reference, moved, rphi)
     ref_flat, mov_flat = _compress_coils(reference.flatten(2), moved.flatten(2))
     matcher = _ComplexMatcher(geo, (rx, ry))
+    if initial is not None:
+        if tuple(initial.shape) != (n, 3):
+            raise InputError(f"initial: expected shape ({n}, 3) (dx, dy, phi), got {tuple(initial.shape)}")
+        phi = initial[:, 2].to(dev, torch.float64).nan_to_num(0.0).clamp(-rphi, rphi)
+    elif rphi > 0:
+        phi = _MagnitudeRotation(geo, rphi).estimate(reference, moved, rphi)
     if rphi > 0 and refine:
         # coherence over the whole range (central part of the crops) and at the magnitude estimate
         gs = (min(s_y, _GLOBAL_CROP[0]), min(s_x, _GLOBAL_CROP[1]))
