@@ -23,7 +23,6 @@ from kmotion.physics.standardise import standardise_pair, to_channels
 from kmotion.physics.validate import InputError
 from kmotion.simulation.study import StudyConfig, compress_coils
 
-
 _SEARCH_MARGIN = 1.5
 """The refinement of :meth:`NetworkEstimator.estimate_data` searches this multiple of the trained range."""
 
@@ -176,10 +175,9 @@ class NetworkEstimator:
                 _SEARCH_MARGIN * range_px[2],
             ),
         )
-        crops = (
-            x[..., r0 : r0 + s_y, c0 : c0 + s_x].to(self.device, torch.complex64) for x in (reference, moved)
-        )
-        motion = register_classical(*crops, config, initial=net.to(self.device)).cpu()
+        ref_c = reference[..., r0 : r0 + s_y, c0 : c0 + s_x].to(self.device, torch.complex64)
+        mov_c = moved[..., r0 : r0 + s_y, c0 : c0 + s_x].to(self.device, torch.complex64)
+        motion = register_classical(ref_c, mov_c, config, initial=net.to(self.device)).cpu()
         limit = torch.tensor(range_px)
         edge = (motion.abs() >= 0.95 * limit).any(-1)
         unreliable = edge | (
