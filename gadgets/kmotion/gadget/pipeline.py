@@ -57,8 +57,10 @@ DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "default.safete
 MIN_CALIBRATION_ROWS = 8
 """Fewest consecutive fully sampled centre rows from which coil maps are estimated."""
 
-SENSE_LAMBDA = 1e-3
-"""Tikhonov weight of the cartesian correction (absolute; maps have unit RSS, see ``physics/sense.py``)."""
+SENSE_LAMBDA = 1e-2
+"""Tikhonov weight of the cartesian correction and of :func:`~kmotion.gadget.recon.reconstruct_slice`
+(absolute; maps have unit RSS, see ``physics/sense.py``).  1e-2 rather than 1e-3: with 20 CG iterations it
+stops the fit of coil-map errors (semi-convergence), halving the correction error (``docs/gadget.md``)."""
 
 _DEVICES = ("auto", "cpu", "cuda")
 _OUTPUTS = ("cartesian", "trajectory")

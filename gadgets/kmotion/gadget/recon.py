@@ -19,7 +19,7 @@ import ismrmrd.xsd
 import numpy as np
 import torch
 
-from kmotion.gadget.pipeline import CalibrationStore, MotionReport, coil_maps_for
+from kmotion.gadget.pipeline import SENSE_LAMBDA, CalibrationStore, MotionReport, coil_maps_for
 from kmotion.gadget.stages import AssembledSlice, SliceBuffer, SliceGeometry, assemble, buffer_slices
 from kmotion.physics.fft import ifft2c
 from kmotion.physics.sense import sense_reconstruct
@@ -34,7 +34,7 @@ def reconstruct_slice(
     mask: np.ndarray | torch.Tensor,
     maps: torch.Tensor | None,
     iterations: int = 20,
-    lam: float = 1e-3,
+    lam: float = SENSE_LAMBDA,
 ) -> torch.Tensor:
     """Magnitude image ``(n_y, n_x)`` float32 of one slice ``(n_coils, n_ky, n_kx)`` with row ``mask``.
 

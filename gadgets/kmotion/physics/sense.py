@@ -143,7 +143,7 @@ class MotionSense:
             raise InputError(f"MotionSense: maps must be (B, n_coils, n_y, n_x), got {tuple(maps.shape)}")
         b, _, n_y, n_x = maps.shape
         m = mask.to(maps.device, torch.bool)
-        if m.ndim == 2:
+        if m.ndim == 2 and tuple(m.shape) == (b, n_y):
             m = m[:, :, None].expand(b, n_y, n_x)
         if tuple(m.shape) != (b, n_y, n_x):
             raise InputError(
