@@ -5,6 +5,9 @@ Subcommands
 demo        simulate a batch of the study's training pairs and write a picture of a few of them
 simulate    simulate pairs and save them (``.npz``) with the study configuration
 inspect     load users' raw data (ISMRMRD/fastMRI ``.h5``, Siemens ``.dat``) as base images and plot them
+stream      MRD v1 stream on stdin through the motion-correction gadget to stdout
+serve       FIRE-style MRD server answering with motion-corrected images
+gadgetron   the Gadgetron external gadget, listening for a chain's <connect port=...>
 simulate-raw  write a simulated multi-coil ISMRMRD acquisition with known rigid motion
 replay      stream an ISMRMRD ``.h5`` file through the motion-correction gadget (corrected data, images, CSV)
 """
@@ -247,6 +250,114 @@ def _replay_parser(sub: argparse._SubParsersAction) -> None:
     r.set_defaults(func=cmd_replay)
 
 
+# ---- running the gadget: kmotion stream / serve / gadgetron ------------------------------------------
+
+
+def _gadget_options(p: argparse.ArgumentParser) -> None:
+    """Gadget parameters (``GadgetParams``); only the given ones are passed on."""
+    g = p.add_argument_group("gadget parameters (default: the stream's own, else GadgetParams defaults)")
+    g.add_argument("--model", default=None, help="weights (.safetensors); default: the shipped model")
+    g.add_argument("--device", default=None, help="auto | cpu | cuda")
+    g.add_argument("--output", default=None, help="cartesian | trajectory")
+    g.add_argument("--min-correction", default=None, help="skip smaller corrections (px / degrees)")
+    g.add_argument("--reference-repetition", default=None, help="reference repetition (default: first)")
+    g.add_argument("--batch-slices", default=None, help="slices estimated together")
+    g.add_argument("--sense-iterations", default=None, help="iterations of the Cartesian correction")
+    g.add_argument(
+        "--set", action="append", default=[], metavar="NAME=VALUE", help="any gadget property (repeatable)"
+    )
+    p.add_argument("--max-message-mb", type=float, default=1024.0, help="largest accepted message (MiB)")
+
+
+def _gadget_properties(args: argparse.Namespace) -> dict[str, str]:
+    from kmotion.physics.validate import InputError
+
+    props: dict[str, str] = {}
+    for name in (
+        "model",
+        "device",
+        "output",
+        "min_correction",
+        "reference_repetition",
+        "batch_slices",
+        "sense_iterations",
+    ):
+        v = getattr(args, name)
+        if v is not None:
+            props[name] = str(v)
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise InputError(f"--set: expected NAME=VALUE, got {item!r}")
+        props[name.strip()] = value.strip()
+    return props
+
+
+def _limits(args: argparse.Namespace):  # noqa: ANN202
+    from kmotion.gadget.mrd_stream import Limits
+
+    return Limits(max_bytes=int(args.max_message_mb * (1 << 20)))
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    from kmotion.gadget.mrd_stream import run_stream
+
+    props = _gadget_properties(args)
+    return run_stream(sys.stdin.buffer, sys.stdout.buffer, props, images=args.images, limits=_limits(args))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from kmotion.gadget.server import serve
+
+    props = _gadget_properties(args)
+    try:
+        serve(
+            args.port,
+            args.host,
+            props,
+            max_connections=args.max_connections,
+            idle_timeout=args.idle_timeout or None,
+            limits=_limits(args),
+        )
+    except KeyboardInterrupt:
+        log.info("kmotion serve: stopped")
+    return 0
+
+
+def cmd_gadgetron(args: argparse.Namespace) -> int:
+    from kmotion.gadget.gadgetron_adapter import serve_gadgetron
+
+    try:
+        serve_gadgetron(args.port, args.host, max_connections=args.max_connections)
+    except KeyboardInterrupt:
+        log.info("kmotion gadgetron: stopped")
+    return 0
+
+
+def _add_gadget_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    st = sub.add_parser(
+        "stream",
+        help="MRD v1 stream on stdin -> motion-corrected stream on stdout (estimates as TEXT; log on stderr)",
+    )
+    _gadget_options(st)
+    st.add_argument("--images", action="store_true", help="also send the reconstructed images (1022)")
+    st.set_defaults(func=cmd_stream)
+
+    sv = sub.add_parser("serve", help="FIRE-style MRD server (python-ismrmrd-server clients)")
+    sv.add_argument("--port", type=int, default=9002)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    sv.add_argument("--idle-timeout", type=float, default=300.0, help="seconds of silence before giving up")
+    sv.add_argument("--max-connections", type=int, default=None, help="stop after this many (default: never)")
+    _gadget_options(sv)
+    sv.set_defaults(func=cmd_serve)
+
+    gt = sub.add_parser("gadgetron", help="the Gadgetron external gadget, listening for <connect port=...>")
+    gt.add_argument("--port", type=int, default=18000)
+    gt.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    gt.add_argument("--max-connections", type=int, default=None, help="stop after this many (default: never)")
+    gt.set_defaults(func=cmd_gadgetron)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kmotion", description="Deep-learning rigid motion estimation in MRI k-space"
@@ -282,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _simulate_raw_parser(sub)
     _replay_parser(sub)
+    _add_gadget_commands(sub)
     return p
 
 
