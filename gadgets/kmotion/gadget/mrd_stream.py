@@ -528,3 +528,187 @@ def kmotion_pipeline(properties: Mapping[str, str]) -> Pipeline:
         return motion_correct(items, header, params)
 
     return run
+
+
+def properties_from_config_text(text: str) -> dict[str, str]:
+    """Gadget properties from a CONFIG_TEXT: a ``<configuration>`` of properties or a whole chain XML.
+
+    In a chain, the ``<configuration>`` of the ``<external>`` node that runs ``kmotion`` is used; a text
+    that is not XML gives {} (it names a configuration, as Gadgetron's CONFIG_FILE does).
+    """
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(text.split("\0", 1)[0].strip())
+    except ET.ParseError:
+        log.info("CONFIG_TEXT is not XML; ignored")
+        return {}
+    externals = root.findall(".//external")
+    if not externals:
+        return properties_from_xml(root) if root.find("property") is not None else {}
+    for ext in externals:
+        ex = ext.find("execute")
+        if ex is None or "kmotion" in (ex.get("name") or ""):
+            return properties_from_xml(ext.find("configuration"))
+    return {}
+
+
+class _Feed:
+    """Data items of a stream after the preamble, until CLOSE; a ProtocolError ends it (kept in ``error``)."""
+
+    def __init__(self, first: list[object], reader: MessageReader) -> None:
+        self.first = first
+        self.reader = reader
+        self.error: ProtocolError | None = None
+        self.closed = False
+        self.n = 0
+
+    def __iter__(self) -> Iterator[object]:
+        for item in self.first:
+            self.n += 1
+            yield item
+        try:
+            while True:
+                m = self.reader.read_message()
+                if m is None:
+                    raise StreamEndedError(
+                        f"{self.reader.peer}: end of input without CLOSE after {self.reader.n_messages} "
+                        "message(s) (stream ended early)"
+                    )
+                if m.mid == MessageId.CLOSE:
+                    self.closed = True
+                    return
+                if m.mid in (MessageId.HEADER, MessageId.CONFIG_FILE, MessageId.CONFIG_TEXT):
+                    raise ProtocolError(f"{self.reader.peer}: unexpected {_name(m.mid)} after the data began")
+                if m.mid == MessageId.ERROR:
+                    log.error("%s sent ERROR: %s", self.reader.peer, m.value)
+                    continue
+                self.n += 1
+                yield m.value
+        except ProtocolError as exc:
+            self.error = exc
+            log.error("%s; flushing the %d item(s) received so far", exc, self.n)
+
+
+def read_preamble(
+    reader: MessageReader, check_config: Callable[[str], object] | None = None
+) -> tuple[ismrmrd.xsd.ismrmrdHeader, str, dict[str, str], list[object]]:
+    """CONFIG_FILE / CONFIG_TEXT (optional), HEADER, then TEXT parameters (JSON) before the first data.
+
+    Returns
+    -------
+    header, config name ("" if none), properties (CONFIG_TEXT then TEXT, later ones win), and the first
+    data items already read (at most one, or none when CLOSE came right away).  ``check_config`` is
+    called with a CONFIG_FILE name as soon as it arrives (it raises to refuse it).
+    """
+    config_name = ""
+    props: dict[str, str] = {}
+    header = None
+    while header is None:
+        m = reader.read_message()
+        if m is None:
+            raise StreamEndedError(f"{reader.peer}: end of input before HEADER")
+        if m.mid == MessageId.CONFIG_FILE:
+            config_name = m.value
+            if check_config is not None:
+                check_config(config_name)
+        elif m.mid == MessageId.CONFIG_TEXT:
+            props.update(properties_from_config_text(m.value))
+        elif m.mid == MessageId.TEXT:
+            props.update(properties_from_json(m.value))
+        elif m.mid == MessageId.HEADER:
+            header = parse_header(m.value)
+        else:
+            raise ProtocolError(f"{reader.peer}: expected CONFIG or HEADER first, got message {_name(m.mid)}")
+    first: list[object] = []
+    while True:
+        m = reader.read_message()
+        if m is None or m.mid == MessageId.CLOSE:
+            break
+        if m.mid == MessageId.TEXT:
+            props.update(properties_from_json(m.value))
+            continue
+        first.append(m.value)
+        break
+    return header, config_name, props, first
+
+
+def run_stream(
+    inp: BinaryIO,
+    out: BinaryIO,
+    properties: Mapping[str, str] | None = None,
+    factory: PipelineFactory = kmotion_pipeline,
+    images: bool = False,
+    limits: Limits | None = None,
+) -> int:
+    """``kmotion stream``: an MRD v1 stream on ``inp`` through the pipeline to ``out``.
+
+    Output: HEADER, every item the pipeline yields (corrected acquisitions, waveforms, ...) with one TEXT
+    ``{"kmotion_estimate": {...}}`` before each slice's lines, optionally the reconstructed images (after
+    all data), then CLOSE.  ``properties`` (command line) override those of the stream (CONFIG_TEXT, TEXT).
+    When the pipeline cannot be set up (bad property, missing model), the data pass through untouched.
+    Errors are logged and sent as TEXT ``ERROR ...`` (``ProtocolDeserializer`` reads TEXT, not ERROR).
+
+    Returns
+    -------
+    int
+        0, or 2 after an error.
+    """
+    reader = MessageReader(FileSource(inp), limits or Limits(), peer="input stream")
+    writer = MessageWriter(out.write, out.flush)
+    errors: list[str] = []
+    try:
+        header, config_name, props, first = read_preamble(reader)
+    except ProtocolError as exc:
+        log.error("%s", exc)
+        writer.text(f"ERROR kmotion stream: {exc}")
+        writer.close()
+        return 2
+    if config_name:
+        log.info("CONFIG_FILE %r (the stream command always runs kmotion)", config_name)
+    props.update(properties or {})
+    feed = _Feed(first, reader)
+    writer.header(header)
+    pipeline: Pipeline
+    try:
+        pipeline = factory(props)
+        outputs = pipeline(feed, header)
+    except InputError as exc:
+        errors.append(f"pipeline not set up, data passed through untouched: {exc}")
+        log.error("kmotion stream: %s", errors[-1])
+        outputs = iter(feed)
+    kept: list[object] = []
+    n_out = n_reports = 0
+    try:
+        for item in outputs:
+            if hasattr(item, "as_dict") and hasattr(item, "log_line"):
+                n_reports += 1
+                log.info("%s", item.log_line())
+                writer.text(estimate_text(item))
+            elif isinstance(item, str):
+                writer.text(item)
+            else:
+                writer.item(item)
+                n_out += 1
+            if images:
+                kept.append(item)
+    except Exception as exc:  # the pipeline itself failed: nothing more can come out of it
+        errors.append(f"pipeline failed: {type(exc).__name__}: {exc}")
+        log.exception("kmotion stream: %s", errors[-1])
+    if feed.error is not None:
+        errors.append(str(feed.error))
+    if images and kept:
+        from kmotion.gadget.recon import reconstruct_images
+
+        try:
+            for img in reconstruct_images(kept, header):
+                if isinstance(img, ismrmrd.Image):
+                    writer.item(img)
+        except Exception as exc:
+            errors.append(f"image reconstruction failed: {type(exc).__name__}: {exc}")
+            log.error("kmotion stream: %s", errors[-1])
+    log.info("kmotion stream: %d items in, %d out, %d estimates", feed.n, n_out, n_reports)
+    for e in errors:
+        writer.text(f"ERROR kmotion stream: {e}")
+    writer.close()
+    return 2 if errors else 0
