@@ -38,8 +38,10 @@ def reconstruct_slice(
 ) -> torch.Tensor:
     """Magnitude image ``(n_y, n_x)`` float32 of one slice ``(n_coils, n_ky, n_kx)`` with row ``mask``.
 
-    With ``maps`` ``(n_coils, n_y, n_x)``: ``|x|`` of ``argmin ||M F C x - y||^2 + lam ||x||^2`` (CG,
-    ``iterations``); without: root-sum-of-squares of the zero-filled coil images.
+    With ``maps`` ``(n_coils, n_y, n_x)``: ``|x| * rss(C)`` with
+    ``x = argmin ||M F C x - y||^2 + lam ||x||^2`` (CG, ``iterations``); the weight ``rss(C)`` (~1 on the
+    object, decaying outside the calibration's support) keeps the noise amplified where the maps are small
+    out of the image.  Without maps: the root-sum-of-squares of the zero-filled coil images.
     """
     k = torch.as_tensor(kspace).to(torch.complex64)
     m = torch.as_tensor(mask).to(torch.bool)
@@ -47,7 +49,8 @@ def reconstruct_slice(
         return ifft2c(k * m[None, :, None]).abs().square().sum(0).sqrt().float()
     dev = maps.device
     x = sense_reconstruct(k[None].to(dev), m[None].to(dev), maps[None], None, (1.0, 1.0), iterations, lam)
-    return x[0].abs().float().cpu()
+    weight = maps.abs().square().sum(0).sqrt()
+    return (x[0].abs() * weight).float().cpu()
 
 
 def _image(
