@@ -23,6 +23,7 @@ Every socket read and the child process are bounded by ``timeout``.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import socket
 import struct
@@ -358,3 +359,23 @@ def echo_correction(connection: object) -> None:
 
 
 ACQ_HEADER_SIZE = ctypes.sizeof(ismrmrd.AcquisitionHeader)
+
+
+@functools.lru_cache(maxsize=1)
+def simulated_stream() -> object:
+    """1 slice, 3 repetitions (the first the reference), 2 coils, 128 x 64, R = 2, known motion (cached)."""
+    from kmotion.simulation.raw import RawConfig, simulate_raw
+
+    motion = ((0.0, 0.0, 0.0), (3.0, -2.0, 4.0), (-2.0, 3.0, -5.0))
+    cfg = RawConfig(
+        matrix=(128, 64),
+        fov_mm=(220.0, 110.0),
+        n_coils=2,
+        n_slices=1,
+        n_repetitions=3,
+        readout_oversampling=1,
+        motion=motion,
+        waveforms=True,
+        snr=30.0,
+    )
+    return simulate_raw(cfg)

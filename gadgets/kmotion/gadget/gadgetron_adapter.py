@@ -44,6 +44,7 @@ from typing import Any
 import ismrmrd
 
 from kmotion.gadget.mrd_stream import (
+    ADAPTER_PROPERTIES,
     Limits,
     MessageId,
     MessageReader,
@@ -71,8 +72,6 @@ __all__ = [
 
 log = logging.getLogger("kmotion.gadget")
 
-#: Properties read by the adapter itself (the rest go to ``GadgetParams.from_properties``), with defaults.
-ADAPTER_PROPERTIES = {"send_text": "false", "idle_timeout_s": "1800", "max_message_mb": "1024"}
 
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")

@@ -83,6 +83,9 @@ class MessageId(IntEnum):
 
 
 CONFIG_FILE_SIZE = 1024
+
+#: Properties of the Gadgetron adapter itself (not GadgetParams), with defaults; other modes ignore them.
+ADAPTER_PROPERTIES = {"send_text": "false", "idle_timeout_s": "1800", "max_message_mb": "1024"}
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -534,7 +537,8 @@ def properties_from_config_text(text: str) -> dict[str, str]:
     """Gadget properties from a CONFIG_TEXT: a ``<configuration>`` of properties or a whole chain XML.
 
     In a chain, the ``<configuration>`` of the ``<external>`` node that runs ``kmotion`` is used; a text
-    that is not XML gives {} (it names a configuration, as Gadgetron's CONFIG_FILE does).
+    that is not XML gives {} (it names a configuration, as Gadgetron's CONFIG_FILE does).  The Gadgetron
+    adapter's own properties (:data:`ADAPTER_PROPERTIES`) are dropped.
     """
     import xml.etree.ElementTree as ET
 
@@ -543,14 +547,16 @@ def properties_from_config_text(text: str) -> dict[str, str]:
     except ET.ParseError:
         log.info("CONFIG_TEXT is not XML; ignored")
         return {}
+    props: dict[str, str] = {}
     externals = root.findall(".//external")
-    if not externals:
-        return properties_from_xml(root) if root.find("property") is not None else {}
+    if not externals and root.find("property") is not None:
+        props = properties_from_xml(root)
     for ext in externals:
         ex = ext.find("execute")
         if ex is None or "kmotion" in (ex.get("name") or ""):
-            return properties_from_xml(ext.find("configuration"))
-    return {}
+            props = properties_from_xml(ext.find("configuration"))
+            break
+    return {k: v for k, v in props.items() if k not in ADAPTER_PROPERTIES}
 
 
 class _Feed:
