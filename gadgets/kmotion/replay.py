@@ -5,7 +5,8 @@
 :func:`kmotion.gadget.pipeline.motion_correct` and writes ``OUT.h5``:
 
 * ``/dataset/xml``, ``/dataset/data``, ``/dataset/waveforms``: the header and every input acquisition and
-  waveform, in stream order (corrected acquisitions where correction ran, untouched ones otherwise);
+  waveform (corrected acquisitions where correction ran, untouched ones otherwise), in stream order
+  (waveforms are merged with the acquisitions by time stamp);
 * ``/dataset/images_uncorrected`` and ``/dataset/images_corrected``: one magnitude image per slice group,
   :func:`kmotion.gadget.recon.reconstruct_images` of the input stream and of the output stream (same
   reconstruction for both; image series 1 and 2);
@@ -43,7 +44,13 @@ from kmotion.gadget.recon import reconstruct_images
 from kmotion.io.base import _check_file
 from kmotion.io.ismrmrd_h5 import parse_encoding
 from kmotion.physics.validate import InputError
-from kmotion.simulation.raw import TRUTH_DATASET, TrueMotion, read_true_motion, write_true_motion
+from kmotion.simulation.raw import (
+    TRUTH_DATASET,
+    IsmrmrdWriter,
+    TrueMotion,
+    read_true_motion,
+    write_true_motion,
+)
 
 __all__ = [
     "ESTIMATES_DATASET",
@@ -96,24 +103,47 @@ class IsmrmrdSource:
     n_acquisitions: int
     n_waveforms: int
 
-    def items(self) -> Iterator[object]:
-        """Acquisitions and waveforms in time-stamp order.
+    def items(self, chunk: int = 256) -> Iterator[object]:
+        """Acquisitions and waveforms in time-stamp order (read in chunks of ``chunk`` records).
 
         Acquisitions keep their file order; each waveform is emitted before the first acquisition whose
-        ``acquisition_time_stamp`` is later than the waveform's ``time_stamp`` (the rest at the end).
+        ``acquisition_time_stamp`` is not earlier than the waveform's ``time_stamp`` (the rest at the end).
         """
-        with ismrmrd.Dataset(str(self.path), self.dataset, create_if_needed=False, mode="r") as ds:
-            waves = [ds.read_waveform(i) for i in range(self.n_waveforms)]
+        with h5py.File(self.path, "r") as f:
+            grp = f[self.dataset]
+            waves = [_waveform(r) for r in grp["waveforms"][()]] if self.n_waveforms else []
             waves.sort(key=lambda w: int(w.time_stamp))
+            data = grp["data"]
             j = 0
-            for i in range(self.n_acquisitions):
-                acq = ds.read_acquisition(i)
-                t = int(acq.acquisition_time_stamp)
-                while j < len(waves) and int(waves[j].time_stamp) < t:
-                    yield waves[j]
-                    j += 1
-                yield acq
+            for start in range(0, self.n_acquisitions, chunk):
+                for rec in data[start : start + chunk]:
+                    acq = _acquisition(rec)
+                    t = int(acq.acquisition_time_stamp)
+                    while j < len(waves) and int(waves[j].time_stamp) <= t:
+                        yield waves[j]
+                        j += 1
+                    yield acq
             yield from waves[j:]
+
+
+def _acquisition(rec: np.void) -> ismrmrd.Acquisition:
+    """An ``ismrmrd.Acquisition`` from one record of an ISMRMRD ``data`` dataset (as ``read_acquisition``)."""
+    acq = ismrmrd.Acquisition(rec["head"])
+    acq.data[:] = rec["data"].view(np.complex64).reshape(acq.active_channels, acq.number_of_samples)
+    if acq.traj.size > 0:
+        acq.traj[:] = rec["traj"].reshape(acq.number_of_samples, acq.trajectory_dimensions)
+    return acq
+
+
+def _waveform(rec: np.void) -> ismrmrd.Waveform:
+    """An ``ismrmrd.Waveform`` from one record of a ``waveforms`` dataset (as ``read_waveform``)."""
+    from ismrmrd.hdf5 import waveform_header_dtype
+
+    head = np.zeros((1,), dtype=waveform_header_dtype)
+    head[0] = rec["head"]
+    wav = ismrmrd.Waveform(head)
+    wav.data[:] = rec["data"].view(np.uint32).reshape(wav.channels, wav.number_of_samples)
+    return wav
 
 
 def open_ismrmrd(path: str | Path, dataset: str = "dataset") -> IsmrmrdSource:
@@ -366,16 +396,15 @@ def replay(
     reports: list[MotionReport] = []
     counts = {"acq": 0, "wave": 0, "corr": 0, "img_c": 0, "img_u": 0}
     n_items = src.n_acquisitions + src.n_waveforms
-    with ismrmrd.Dataset(str(out), dataset, create_if_needed=True) as ds:
-        ds.write_xml_header(src.xml)
+    with IsmrmrdWriter(out, src.xml, dataset) as writer:
 
         def tee(items: Iterable[object]) -> Iterator[object]:
             for item in items:
                 if isinstance(item, ismrmrd.Acquisition):
-                    ds.append_acquisition(item)
+                    writer.append(item)
                     counts["acq"] += 1
                 elif isinstance(item, ismrmrd.Waveform):
-                    ds.append_waveform(item)
+                    writer.append(item)
                     counts["wave"] += 1
                 elif isinstance(item, MotionReport):
                     reports.append(item)
@@ -396,12 +425,12 @@ def replay(
             tee(motion_correct(bar, src.header, params)), src.header, series_index=2
         ):
             if isinstance(img, ismrmrd.Image):
-                ds.append_image(CORRECTED, img)
+                writer.append_image(CORRECTED, img)
                 counts["img_c"] += 1
         bar.close()
         for img in reconstruct_images(src.items(), src.header, series_index=1):
             if isinstance(img, ismrmrd.Image):
-                ds.append_image(UNCORRECTED, img)
+                writer.append_image(UNCORRECTED, img)
                 counts["img_u"] += 1
 
     if counts["acq"] != src.n_acquisitions or counts["wave"] != src.n_waveforms:

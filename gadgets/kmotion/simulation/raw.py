@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -65,6 +65,7 @@ __all__ = [
     "TRUTH_USER_PARAMETER",
     "RawAcquisition",
     "RawConfig",
+    "IsmrmrdWriter",
     "TrueMotion",
     "read_true_motion",
     "simulate_raw",
@@ -542,18 +543,107 @@ def write_raw(raw: RawAcquisition, path: str | Path, dataset: str = "dataset") -
 def write_stream(
     path: str | Path,
     header: ismrmrd.xsd.ismrmrdHeader | str,
-    items: Sequence[object],
+    items: Iterable[object],
     dataset: str = "dataset",
 ) -> None:
-    """Append a header and a stream of acquisitions/waveforms to an ISMRMRD file (other items are ignored)."""
-    xml = header if isinstance(header, str) else ismrmrd.xsd.ToXML(header)
-    with ismrmrd.Dataset(str(path), dataset, create_if_needed=True) as ds:
-        ds.write_xml_header(xml)
+    """Write a header and a stream of acquisitions/waveforms to an ISMRMRD file (other items are ignored)."""
+    with IsmrmrdWriter(path, header, dataset) as w:
         for item in items:
-            if isinstance(item, ismrmrd.Acquisition):
-                ds.append_acquisition(item)
-            elif isinstance(item, ismrmrd.Waveform):
-                ds.append_waveform(item)
+            w.append(item)
+
+
+class IsmrmrdWriter:
+    """Buffered writer of an ISMRMRD ``.h5`` stream (same layout as ``ismrmrd.Dataset``, in chunks).
+
+    ``ismrmrd.Dataset.append_acquisition`` resizes the HDF5 dataset once per acquisition; this writer
+    appends ``chunk`` records at a time.  Images are kept and written with ``ismrmrd.Dataset.append_image``
+    when the writer closes.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        header: ismrmrd.xsd.ismrmrdHeader | str,
+        dataset: str = "dataset",
+        chunk: int = 256,
+    ) -> None:
+        from ismrmrd.hdf5 import acquisition_dtype, waveform_dtype
+
+        self.path = Path(path)
+        self.dataset = dataset
+        self.chunk = chunk
+        xml = header if isinstance(header, str) else ismrmrd.xsd.ToXML(header)
+        self._file = h5py.File(self.path, "a")
+        grp = self._file.require_group(dataset)
+        if "xml" in grp:
+            del grp["xml"]
+        grp.create_dataset("xml", shape=(1,), dtype=h5py.special_dtype(vlen=bytes))[0] = xml
+        self._dtypes = {"data": acquisition_dtype, "waveforms": waveform_dtype}
+        self._pending: dict[str, list[dict[str, np.ndarray]]] = {"data": [], "waveforms": []}
+        self._images: list[tuple[str, ismrmrd.Image]] = []
+        self.n_acquisitions = 0
+        self.n_waveforms = 0
+
+    def append(self, item: object) -> None:
+        """Queue an acquisition or a waveform (anything else is ignored)."""
+        from ismrmrd.hdf5 import acquisition_header_dtype, waveform_header_dtype
+
+        if isinstance(item, ismrmrd.Acquisition):
+            head = np.frombuffer(item.getHead(), dtype=acquisition_header_dtype)[0]
+            data = np.ascontiguousarray(item.data, dtype=np.complex64).view(np.float32).reshape(-1)
+            traj = np.ascontiguousarray(item.traj, dtype=np.float32).reshape(-1)
+            self._pending["data"].append({"head": head, "traj": traj, "data": data})
+            self.n_acquisitions += 1
+            if len(self._pending["data"]) >= self.chunk:
+                self._flush("data")
+        elif isinstance(item, ismrmrd.Waveform):
+            head = np.frombuffer(item.getHead(), dtype=waveform_header_dtype)[0]
+            wdata = np.ascontiguousarray(item.data, dtype=np.uint32).reshape(-1)
+            self._pending["waveforms"].append({"head": head, "data": wdata})
+            self.n_waveforms += 1
+            if len(self._pending["waveforms"]) >= self.chunk:
+                self._flush("waveforms")
+
+    def append_image(self, group: str, image: ismrmrd.Image) -> None:
+        """Queue an image for ``/<dataset>/<group>`` (written on close)."""
+        self._images.append((group, image))
+
+    def _flush(self, name: str) -> None:
+        recs = self._pending[name]
+        if not recs:
+            return
+        grp = self._file[self.dataset]
+        if name not in grp:
+            grp.create_dataset(name, (0,), maxshape=(None,), dtype=self._dtypes[name], chunks=(self.chunk,))
+        d = grp[name]
+        n = d.shape[0]
+        d.resize(n + len(recs), axis=0)
+        arr = np.empty(len(recs), dtype=self._dtypes[name])
+        arr["head"] = np.stack([r["head"] for r in recs])
+        for i, r in enumerate(recs):
+            for k in ("data", "traj"):
+                if k in r:
+                    arr[i][k] = r[k]
+        d[n:] = arr
+        self._pending[name] = []
+
+    def close(self) -> None:
+        """Flush everything and close the file."""
+        if self._file.id.valid:
+            self._flush("data")
+            self._flush("waveforms")
+            self._file.close()
+        if self._images:
+            with ismrmrd.Dataset(str(self.path), self.dataset, create_if_needed=True) as ds:
+                for group, image in self._images:
+                    ds.append_image(group, image)
+            self._images = []
+
+    def __enter__(self) -> IsmrmrdWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def write_true_motion(path: str | Path, truth: Sequence[TrueMotion]) -> None:
@@ -577,8 +667,7 @@ def read_true_motion(path: str | Path) -> list[TrueMotion] | None:
             return None
         arr = f[TRUTH_DATASET][()]
     return [
-        TrueMotion(int(a["slice"]), int(a["repetition"]), *(float(a[k]) for k in _TRUTH_FLOATS))
-        for a in arr
+        TrueMotion(int(a["slice"]), int(a["repetition"]), *(float(a[k]) for k in _TRUTH_FLOATS)) for a in arr
     ]
 
 
