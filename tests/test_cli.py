@@ -9,7 +9,22 @@ from kmotion.cli import main
 
 
 def test_demo_writes_picture_and_pairs(tmp_path: Path) -> None:
-    rc = main(["demo", "--matrix", "96", "96", "--crop", "16", "16", "--out", str(tmp_path), "--n-show", "2"])
+    rc = main(
+        [
+            "demo",
+            "--pairs",
+            "--matrix",
+            "96",
+            "96",
+            "--crop",
+            "16",
+            "16",
+            "--out",
+            str(tmp_path),
+            "--n-show",
+            "2",
+        ]
+    )
     assert rc == 0
     png = tmp_path / "training_pairs.png"
     assert png.stat().st_size > 10_000

@@ -70,11 +70,70 @@ def _config(args: argparse.Namespace):  # noqa: ANN202 - avoids importing torch 
     )
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from kmotion.demo import run_demo
+def _default_twix() -> Path:
+    """``../shared/data/siemens_twix_gre_phantom.dat`` next to the repository."""
+    return Path(__file__).resolve().parents[3] / "shared" / "data" / "siemens_twix_gre_phantom.dat"
 
-    out = run_demo(_config(args), Path(args.out), n_show=args.n_show, seed=args.seed, device=args.device)
-    print(f"wrote {out}")
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    if args.pairs:
+        from kmotion.demo import run_demo
+
+        args.matrix = args.matrix or (448, 448)
+        args.coils = args.coils or 1
+        out = run_demo(_config(args), Path(args.out), n_show=args.n_show, seed=args.seed, device=args.device)
+        print(f"wrote {out}")
+        return 0
+    return _stream_demo(args)
+
+
+def _stream_demo(args: argparse.Namespace) -> int:
+    from kmotion.demo import run_stream_demo, run_twix_demo
+    from kmotion.gadget.pipeline import GadgetParams
+    from kmotion.simulation.raw import RawConfig
+
+    params = GadgetParams(device=args.device)
+    progress = False if args.no_progress else None
+    if args.twix is not None:
+        twix = Path(args.twix)
+        if not twix.exists():
+            print(
+                f"kmotion demo --twix: {twix} not found; this demo needs the Siemens phantom raw data of "
+                "../shared/data (see docs/data.md), or pass its path: kmotion demo --twix PATH",
+                file=sys.stderr,
+            )
+            return 2
+        res = run_twix_demo(
+            twix,
+            Path(args.out),
+            n_repetitions=args.repetitions,
+            seed=args.seed,
+            params=params,
+            progress=progress,
+        )
+    else:
+        cfg = RawConfig(
+            matrix=tuple(args.matrix or (192, 192)),
+            fov_mm=tuple(args.fov),
+            n_coils=args.coils or 8,
+            n_slices=args.slices,
+            n_repetitions=args.repetitions,
+            snr=30.0 if args.snr is None else (None if args.snr <= 0 else args.snr),
+            seed=args.seed,
+        )
+        res = run_stream_demo(Path(args.out), cfg, params, progress=progress)
+    s = res.summary
+    if "mae_dx_px" in s:
+        print(
+            f"estimates vs true motion ({s['n_moved_slices']} moved slices): MAE dx {s['mae_dx_px']:.3f} px, "
+            f"dy {s['mae_dy_px']:.3f} px, phi {s['mae_rot_deg']:.3f} deg"
+        )
+    print(
+        f"NRMSE vs the motion-free reference: uncorrected {s['nrmse_uncorrected']:.3f}, corrected "
+        f"{s['nrmse_corrected']:.3f} (ratio {s['nrmse_ratio']:.3f}); {s['total_seconds']:.0f} s"
+    )
+    for path in (res.png, res.csv, res.summary_json, res.raw_h5, res.replay_h5):
+        print(f"wrote {path}")
     return 0
 
 
@@ -365,10 +424,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="simulate the study's training pairs and plot a few")
+    d = sub.add_parser(
+        "demo",
+        help="the streaming demo: simulate-raw -> replay -> report (--pairs: the study's training pairs)",
+    )
     _study_args(d)
+    d.set_defaults(matrix=None, coils=None)
     d.add_argument("--out", default="demo_out", help="output folder")
-    d.add_argument("--n-show", type=int, default=4)
+    d.add_argument("--pairs", action="store_true", help="the training-pairs demo instead (old default)")
+    d.add_argument(
+        "--twix",
+        nargs="?",
+        const=str(_default_twix()),
+        default=None,
+        metavar="PATH",
+        help="the streaming demo on the Siemens phantom (default: the .dat in ../shared/data)",
+    )
+    d.add_argument("--slices", type=int, default=1, help="streaming demo: slices")
+    d.add_argument("--repetitions", type=int, default=12, help="streaming demo: repetitions (0 = reference)")
+    d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--n-show", type=int, default=4, help="--pairs: pairs to draw")
     d.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("simulate", help="simulate training pairs and save them as .npz")
