@@ -1,0 +1,163 @@
+"""``kmotion replay``: round trip on simulated raw data, CSV, images, estimates, bad input."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import h5py
+import ismrmrd
+import numpy as np
+import pytest
+
+from kmotion.cli import main
+from kmotion.replay import (
+    CORRECTED,
+    CSV_COLUMNS,
+    TRUE_COLUMNS,
+    UNCORRECTED,
+    _relative_truth,
+    open_ismrmrd,
+    read_estimates,
+    read_images,
+)
+from kmotion.simulation.raw import RawConfig, TrueMotion, read_true_motion, simulate_raw, write_raw
+
+# the network needs >= 64 acquired rows: 128 rows at R = 2
+CFG = RawConfig(matrix=(128, 128), n_coils=4, n_slices=1, n_repetitions=3, waveforms=True, seed=5)
+
+
+@pytest.fixture(scope="module")
+def replayed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("replay")
+    raw_h5 = write_raw(simulate_raw(CFG), d / "raw.h5")
+    out, csv_path = d / "out.h5", d / "motion.csv"
+    rc = main(
+        ["replay", str(raw_h5), str(out), "--motion-csv", str(csv_path), "--device", "cpu", "--no-progress"]
+    )
+    assert rc == 0
+    return {"raw": raw_h5, "out": out, "csv": csv_path}
+
+
+def _acqs(path: Path) -> list[ismrmrd.Acquisition]:
+    with ismrmrd.Dataset(str(path), "dataset", create_if_needed=False) as ds:
+        return [ds.read_acquisition(i) for i in range(ds.number_of_acquisitions())]
+
+
+def _waves(path: Path) -> list[ismrmrd.Waveform]:
+    with ismrmrd.Dataset(str(path), "dataset", create_if_needed=False) as ds:
+        return [ds.read_waveform(i) for i in range(ds.number_of_waveforms())]
+
+
+def _counters(a: ismrmrd.Acquisition) -> tuple[int, ...]:
+    i = a.idx
+    return (int(a.scan_counter), int(i.slice), int(i.repetition), int(i.kspace_encode_step_1), int(a.flags))
+
+
+def test_every_acquisition_and_waveform_accounted_for(replayed: dict[str, Path]) -> None:
+    src, out = _acqs(replayed["raw"]), _acqs(replayed["out"])
+    assert len(out) == len(src) == 1 + 3 * (64 + 12)
+    assert sorted(map(_counters, out)) == sorted(map(_counters, src))
+    by_counter = {a.scan_counter: a for a in out}
+    n_changed = 0
+    for a in src:
+        b = by_counter[a.scan_counter]
+        assert b.data.shape == a.data.shape and np.isfinite(b.data).all()
+        if a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT) or a.idx.repetition == 0:
+            assert np.array_equal(a.data, b.data)  # noise and the reference pass untouched
+        n_changed += not np.array_equal(a.data, b.data)
+    assert n_changed > 0  # the moved repetitions were corrected
+    ws, wo = _waves(replayed["raw"]), _waves(replayed["out"])
+    assert len(wo) == len(ws) == 3
+    assert all(np.array_equal(x.data, y.data) for x, y in zip(ws, wo, strict=True))
+    with h5py.File(replayed["out"], "r") as f:
+        assert f["dataset/xml"][0] == h5py.File(replayed["raw"], "r")["dataset/xml"][0]
+
+
+def test_images_estimates_and_csv(replayed: dict[str, Path]) -> None:
+    for group in (UNCORRECTED, CORRECTED):
+        imgs = read_images(replayed["out"], group)
+        assert len(imgs) == 3
+        assert sorted(int(im.repetition) for im in imgs) == [0, 1, 2]
+        assert all(im.data.shape[-2:] == (128, 128) and np.isfinite(im.data).all() for im in imgs)
+    rows = read_estimates(replayed["out"])
+    assert [r["repetition"] for r in rows] == [0, 1, 2]
+    assert read_true_motion(replayed["out"]) == read_true_motion(replayed["raw"])
+    with replayed["csv"].open() as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == CSV_COLUMNS + TRUE_COLUMNS
+        table = list(reader)
+    assert len(table) == 3
+    for r in table[1:]:
+        assert r["reference_repetition"] == "0" and r["corrected"] == "True"
+        assert abs(float(r["dx_px"]) - float(r["true_dx_px"])) < 1.5
+        assert abs(float(r["dy_px"]) - float(r["true_dy_px"])) < 1.5
+        assert abs(float(r["rot_deg"]) - float(r["true_rot_deg"])) < 2.0
+        assert math.isclose(float(r["dx_mm"]), float(r["dx_px"]) * 220 / 128, rel_tol=1e-3, abs_tol=1e-3)
+
+
+def test_relative_truth_composes_rigid_motions() -> None:
+    """Truth relative to a reference other than repetition 0: T_rep o T_ref^-1."""
+    spacing = (0.5, 1.0)
+    ref = TrueMotion(0, 1, 2.0, -4.0, 30.0, 2.0, -2.0)
+    rep = TrueMotion(0, 2, -1.0, 6.0, -15.0, -1.0, 3.0)
+    dx_px, dy_px, phi, dx_mm, dy_mm = _relative_truth(rep, ref, spacing)
+    assert phi == pytest.approx(-45.0)
+    # T_rel(T_ref(p)) == T_rep(p) for a point p in mm
+    p = np.array([7.0, -3.0])
+
+    def rot(deg: float) -> np.ndarray:
+        c, s = math.cos(math.radians(deg)), math.sin(math.radians(deg))
+        return np.array([[c, -s], [s, c]])
+
+    via_ref = rot(phi) @ (rot(ref.phi_deg) @ p + [ref.dx_mm, ref.dy_mm]) + [dx_mm, dy_mm]
+    np.testing.assert_allclose(via_ref, rot(rep.phi_deg) @ p + [rep.dx_mm, rep.dy_mm], atol=1e-12)
+    assert (dx_px, dy_px) == pytest.approx((dx_mm / 1.0, dy_mm / 0.5))
+
+
+def test_bad_input_exit_2_with_clear_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = str(tmp_path / "out.h5")
+    notes = tmp_path / "notes.h5"
+    notes.write_text("not hdf5")
+    assert main(["replay", str(notes), out]) == 2
+    err = capsys.readouterr().err
+    assert "notes.h5" in err and "not HDF5" in err and "Traceback" not in err
+
+    assert main(["replay", str(tmp_path / "missing.h5"), out]) == 2
+    assert "missing.h5" in capsys.readouterr().err
+
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f.create_group("something")
+    assert main(["replay", str(other), out]) == 2
+    err = capsys.readouterr().err
+    assert "other.h5" in err and "'dataset'" in err
+
+    no_enc = tmp_path / "no_encoding.h5"
+    with ismrmrd.Dataset(str(no_enc), "dataset", create_if_needed=True) as ds:
+        ds.write_xml_header(
+            '<?xml version="1.0"?><ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD"><experimentalConditions>'
+            "<H1resonanceFrequency_Hz>63500000</H1resonanceFrequency_Hz></experimentalConditions>"
+            "</ismrmrdHeader>"
+        )
+        ds.append_acquisition(ismrmrd.Acquisition.from_array(np.zeros((2, 16), np.complex64)))
+    assert main(["replay", str(no_enc), out]) == 2
+    err = capsys.readouterr().err
+    assert "no_encoding.h5" in err and "encoding" in err and "Traceback" not in err
+    assert not Path(out).exists()
+
+    raw = write_raw(simulate_raw(RawConfig(matrix=(32, 32), n_coils=2, n_slices=1, n_repetitions=1)), out)
+    assert main(["replay", str(raw), str(raw)]) == 2
+    assert "differ" in capsys.readouterr().err
+    assert main(["replay", str(raw), str(tmp_path / "o2.h5"), "--device", "tpu"]) == 2
+    assert "device" in capsys.readouterr().err
+
+
+def test_open_ismrmrd_merges_waveforms_by_time(tmp_path: Path) -> None:
+    raw = simulate_raw(RawConfig(matrix=(32, 32), n_coils=2, n_slices=2, n_repetitions=2, waveforms=True))
+    src = open_ismrmrd(write_raw(raw, tmp_path / "w.h5"))
+    items = list(src.items())
+    assert len(items) == len(raw.items)
+    kinds = [type(i).__name__ for i in items]
+    assert kinds == [type(i).__name__ for i in raw.items]  # waveforms where they were streamed
