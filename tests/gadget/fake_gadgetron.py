@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import os
 import socket
 import struct
@@ -343,7 +344,9 @@ def echo_factory(props: dict[str, str]):  # noqa: ANN201
                 k = (int(item.idx.slice), int(item.idx.contrast), int(item.idx.repetition), int(item.idx.set))
                 if k not in seen:
                     seen.add(k)
-                    yield EchoReport(k)
+                    report = EchoReport(k)
+                    logging.getLogger("kmotion.gadget").info("%s", report.log_line())  # as the pipeline does
+                    yield report
                 if c128:
                     item = ismrmrd.Acquisition(item.getHead(), item.data.astype(np.complex128), item.traj)
             yield item

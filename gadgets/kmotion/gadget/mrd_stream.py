@@ -689,7 +689,7 @@ def run_stream(
         for item in outputs:
             if hasattr(item, "as_dict") and hasattr(item, "log_line"):
                 n_reports += 1
-                log.info("%s", item.log_line())
+                log.debug("%s", item.log_line())  # the pipeline logs it at INFO
                 writer.text(estimate_text(item))
             elif isinstance(item, str):
                 writer.text(item)

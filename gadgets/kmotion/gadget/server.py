@@ -128,7 +128,7 @@ def handle_connection(
                     writer.item(out)
                     n_images += 1
                 elif hasattr(out, "as_dict") and hasattr(out, "log_line"):
-                    log.info("kmotion serve %s: %s", peer, out.log_line())
+                    log.debug("kmotion serve %s: %s", peer, out.log_line())  # the pipeline logs it
                     reports.append(out.as_dict())
         except OSError as exc:
             fail(f"connection lost while answering: {exc}")
