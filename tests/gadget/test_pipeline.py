@@ -138,6 +138,10 @@ def test_every_item_once_reports_before_their_slices(stream_factory, caplog) -> 
     for key in ("slice", "contrast", "repetition", "set", "dx_px", "dy_px", "rot_deg", "dx_mm", "dy_mm"):
         assert key in d
     assert sum("corrected True" in r.message for r in caplog.records) == 2
+    # a second stream through the same corrector starts afresh (its own references)
+    mc = MotionCorrector(st.header, CPU)
+    list(mc(st.items))
+    assert _reports(list(mc(st.items)))[(0, 0)].reason == "reference"
 
 
 def test_uncorrectable_nan_and_no_reference_pass_through_untouched(stream_factory, caplog) -> None:
@@ -371,3 +375,14 @@ def test_simulated_raw_stream_oversampled_readout_with_acs(caplog) -> None:
             unc = _nrmse(img_b[(0, r)], img_b[(0, 0)])
             cor = _nrmse(img_a[(0, r)], img_a[(0, 0)])
             assert cor < (0.25 if oracle else 0.4) * unc, (oracle, r, unc, cor)
+
+
+def test_estimate_with_the_other_row_parity(stream_factory) -> None:
+    """Acquired rows with ``(row - n_ky // 2) % 2 == 1`` (centre row not acquired, only in the ACS block)."""
+    motions = ((0.0, 0.0, 0.0), (2.0, -1.5, 6.0), (-1.0, 2.5, -8.0))
+    st = stream_factory(n_coils=8, motions=motions, parity=1, extras=False, seed=3)
+    reps = _reports(list(MotionCorrector(st.header, CPU)(st.items)))
+    for r in (1, 2):
+        rep, (dx, dy, phi) = reps[(0, r)], motions[r]
+        assert rep.corrected, rep.reason
+        assert abs(rep.dx_px - dx) < 1.5 and abs(rep.dy_px - dy) < 1.5 and abs(rep.rot_deg - phi) < 2.5, rep

@@ -479,7 +479,12 @@ class MotionCorrector:
         Batching: completed slices wait while the following input items each complete another slice (up to
         ``batch_slices``); any other item (a line that completes nothing, a pass-through item, the end of
         the stream) flushes them first, so no slice waits for more than the next input item.
+
+        Each call is one stream: references and calibration lines of an earlier call are forgotten (the
+        estimator stays loaded), so one corrector can serve several streams in a row, not at once.
         """
+        self.calibration = CalibrationStore(self.geometry)
+        self.references = {}
         pending: list[SliceBuffer] = []
         produced = False
         for out in buffer_slices(_ticked(items), self.header):
