@@ -295,7 +295,7 @@ def run_connection(connection: Any, factory: PipelineFactory = kmotion_pipeline)
         for out in pipeline(source, connection.header):
             if _is_report(out):
                 n_reports += 1
-                log.debug("%s", out.log_line())  # type: ignore[attr-defined]  (the pipeline logs it)
+                log.debug("%s", out.log_line())  # type: ignore[attr-defined]
                 if send_text:
                     connection.send(TextMessage(estimate_text(out)))
                 continue
