@@ -11,6 +11,7 @@ the correction (an oracle estimate: the correction alone) and once with the **es
 shipped estimator).  Also the estimate's absolute error and the time per slice spent in the pipeline.
 
     .venv/bin/python benchmarks/bench_correction.py [--matrix 256] [--slices 2] [--repetitions 11]
+    .venv/bin/python benchmarks/bench_correction.py --snr 30 --estimated-only --no-refine   # network alone
 """
 
 from __future__ import annotations
@@ -41,10 +42,12 @@ def _copy(items: list[object]) -> list[object]:
     return [copy.deepcopy(i) if isinstance(i, ismrmrd.Acquisition) else i for i in items]
 
 
-def run(cfg: RawConfig, oracle: bool, device: str) -> dict[str, float]:
+def run(cfg: RawConfig, oracle: bool, device: str, refine: bool = True) -> dict[str, float]:
     raw = simulate_raw(cfg)
     truth = {(t.slice, t.repetition): t for t in raw.truth}
     mc = MotionCorrector(raw.header, GadgetParams(device=device))
+    if hasattr(mc.estimator, "refine"):
+        mc.estimator.refine = refine
     if oracle:
         mm_per_net = cfg.fov_mm[0] / mc.net_matrix[0]
         dy_mm, dx_mm = cfg.pixel_spacing_mm
@@ -95,16 +98,22 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=3)
+    p.add_argument("--snr", type=float, nargs="*", default=[30.0, 0.0], help="0: noise-free")
+    p.add_argument(
+        "--no-refine", action="store_true", help="the network alone (no data-consistency refinement)"
+    )
+    p.add_argument("--estimated-only", action="store_true")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, {platform.machine()}, device {a.device}, {a.threads} thread(s)")
     print("snr   | motion    | NRMSE uncorr | NRMSE corr | corr/uncorr mean (max) | MAE dx/dy/phi | s/slice")
-    for snr in (30.0, None):
+    for snr_arg in a.snr:
+        snr = snr_arg or None
         cfg = RawConfig(
             matrix=(a.matrix, a.matrix), n_slices=a.slices, n_repetitions=a.repetitions, snr=snr, seed=a.seed
         )
-        for oracle in (True, False):
-            r = run(cfg, oracle, a.device)
+        for oracle in (False,) if a.estimated_only else (True, False):
+            r = run(cfg, oracle, a.device, refine=not a.no_refine)
             print(
                 f"{snr!s:5} | {'true' if oracle else 'estimated':9} | {r['unc']:.3f}        "
                 f"| {r['cor']:.3f}      | {r['ratio']:.3f} ({r['ratio_max']:.3f})          "
