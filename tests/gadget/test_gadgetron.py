@@ -10,9 +10,14 @@ interpreter start-up per test).
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
 import struct
+import subprocess
+import sys
 import threading
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from queue import Queue
@@ -273,3 +278,33 @@ def test_missing_or_corrupt_model_gives_a_clear_error(ism, kmotion_port, tmp_pat
         out = res.run(hdr, items)
         assert out.closed and out.items == [] and len(out.errors) == 1, out
         assert path.name in out.errors[0]
+
+
+def test_kmotion_gadgetron_command_connect_mode(ism, tmp_path) -> None:
+    """``kmotion gadgetron --port N`` as documented for the ``<connect>`` chain: it survives a peer that
+    vanishes during the handshake, answers the next one (here: a missing model -> ERROR), then stops."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT / "gadgets"))
+    cmd = [sys.executable, "-m", "kmotion.cli", "gadgetron", "--port", str(port), "--max-connections", "2"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while True:  # connection 1: a probe that vanishes before CONFIG
+            try:
+                socket.create_connection(("127.0.0.1", port), 1).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "kmotion gadgetron did not start"
+                time.sleep(0.2)
+        hdr, items = _stream(ism)
+        conf = _config(model=str(tmp_path / "absent.safetensors"))
+        res = FakeGadgetron(CHAIN_CONNECT, port=port, configuration=conf, timeout=TIMEOUT).run(hdr, items)
+        assert res.closed and len(res.errors) == 1 and "absent.safetensors" in res.errors[0]
+        assert proc.wait(TIMEOUT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = proc.stdout.read().decode() if proc.stdout else ""
+    assert "connection 1" in log and "connection 2" in log, log
