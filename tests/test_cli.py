@@ -102,3 +102,43 @@ def test_simulate_from_twix_raw_data(tmp_path: Path) -> None:
     data = np.load(out)
     assert data["inputs"].shape == (8, 8, 16, 32)  # 2 coils x 4 channels
     assert '"fov_mm": [200.0, 200.0]' in str(data["config"])
+
+
+def test_simulate_raw_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from kmotion.io.ismrmrd_h5 import load_ismrmrd_h5
+    from kmotion.simulation.raw import read_true_motion
+
+    out = tmp_path / "raw.h5"
+    args = ["simulate-raw", str(out), "--matrix", "64", "48", "--coils", "2", "--slices", "1"]
+    assert main([*args, "--repetitions", "3", "--no-calibration", "--no-oversampling"]) == 0
+    text = capsys.readouterr().out
+    assert "repetition,dx_px,dy_px,phi_deg,dx_mm,dy_mm" in text and text.count("\n") >= 5
+    truth = read_true_motion(out)
+    assert truth is not None and [t.repetition for t in truth] == [0, 1, 2]
+    assert f"{truth[1].dx_px:.3f}" in text
+    with pytest.raises(Exception, match="missing lines"):  # under-sampled: not a fully sampled file
+        load_ismrmrd_h5(out)
+
+
+def test_stream_demo_small(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    args = ["demo", "--out", str(tmp_path), "--matrix", "128", "128", "--coils", "4", "--repetitions", "3"]
+    assert main([*args, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "MAE dx" in out and "NRMSE" in out
+    assert (tmp_path / "motion_report.png").stat().st_size > 20_000
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["n_moved_slices"] == 2
+    assert summary["nrmse_corrected"] < summary["nrmse_uncorrected"]
+    assert summary["mae_dx_px"] < 1.5 and summary["mae_rot_deg"] < 2.0
+    header = (tmp_path / "motion.csv").read_text().splitlines()[0]
+    assert header.startswith(
+        "slice,contrast,repetition,set,reference_repetition,dx_px,dy_px,rot_deg,dx_mm,dy_mm"
+    )
+
+
+def test_twix_demo_without_data_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--twix", str(tmp_path / "absent.dat"), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "absent.dat" in err and "not found" in err

@@ -106,7 +106,7 @@ def _stream_demo(args: argparse.Namespace) -> int:
         res = run_twix_demo(
             twix,
             Path(args.out),
-            n_repetitions=args.repetitions,
+            n_repetitions=args.repetitions or 6,
             seed=args.seed,
             params=params,
             progress=progress,
@@ -117,7 +117,7 @@ def _stream_demo(args: argparse.Namespace) -> int:
             fov_mm=tuple(args.fov),
             n_coils=args.coils or 8,
             n_slices=args.slices,
-            n_repetitions=args.repetitions,
+            n_repetitions=args.repetitions or 12,
             snr=30.0 if args.snr is None else (None if args.snr <= 0 else args.snr),
             seed=args.seed,
         )
@@ -441,7 +441,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the streaming demo on the Siemens phantom (default: the .dat in ../shared/data)",
     )
     d.add_argument("--slices", type=int, default=1, help="streaming demo: slices")
-    d.add_argument("--repetitions", type=int, default=12, help="streaming demo: repetitions (0 = reference)")
+    d.add_argument(
+        "--repetitions",
+        type=int,
+        default=None,
+        help="streaming demo: repetitions, 0 = reference (12; --twix 6)",
+    )
     d.add_argument("--no-progress", action="store_true")
     d.add_argument("--n-show", type=int, default=4, help="--pairs: pairs to draw")
     d.set_defaults(func=cmd_demo)

@@ -199,6 +199,7 @@ def _finish_stream_demo(
     params: GadgetParams | None,
     title: str,
     progress: bool | None,
+    reference_note: str = "same recon, no noise",
 ) -> StreamDemoResult:
     """Write ``raw``, replay it, reconstruct the motion-free twin, measure and draw."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -231,6 +232,7 @@ def _finish_stream_demo(
     n_cor = float(np.mean([p["nrmse_corrected"] for p in per_image])) if per_image else math.nan
     summary: dict[str, Any] = {
         "title": title,
+        "reference": f"motion-free twin ({reference_note})",
         "n_moved_slices": len(per_image),
         **{k: v for k, v in res.summary.items() if k != "n"},
         "nrmse_uncorrected": n_unc,
@@ -287,7 +289,7 @@ def _plot_stream_demo(
         ax.axis("off")
     if ref_img is not None:
         axes[0, 0].imshow(ref_img, cmap="gray", extent=ext, vmin=0, vmax=vmax)
-        axes[0, 0].set_title("motion-free reference\n(same recon, no noise)", fontsize=10)
+        axes[0, 0].set_title(f"{summary['reference']}".replace(" (", "\n("), fontsize=10)
     nr = {(p["slice"], p["repetition"]): p for p in per_image}
     by_rep = {r["repetition"]: r for r in s0}
     for j, rep in enumerate(examples, start=1):
@@ -446,4 +448,5 @@ def run_twix_demo(
         obj[None], maps[None], replace(cfg, motion=((0.0, 0.0, 0.0),) * n_repetitions)
     )
     title = f"kmotion streaming demo on {Path(twix_path).name} (simulated motion)"
-    return _finish_stream_demo(raw, still, Path(out_dir), params, title, progress)
+    note = "same recon, the data's own noise"
+    return _finish_stream_demo(raw, still, Path(out_dir), params, title, progress, note)
