@@ -380,6 +380,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     except KeyboardInterrupt:
         log.info("kmotion serve: stopped")
+    except OSError as exc:  # address in use, permission denied
+        print(f"kmotion serve: error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -390,6 +393,9 @@ def cmd_gadgetron(args: argparse.Namespace) -> int:
         serve_gadgetron(args.port, args.host, max_connections=args.max_connections)
     except KeyboardInterrupt:
         log.info("kmotion gadgetron: stopped")
+    except OSError as exc:  # address in use, permission denied
+        print(f"kmotion gadgetron: error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
