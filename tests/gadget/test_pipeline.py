@@ -386,3 +386,20 @@ def test_estimate_with_the_other_row_parity(stream_factory) -> None:
         rep, (dx, dy, phi) = reps[(0, r)], motions[r]
         assert rep.corrected, rep.reason
         assert abs(rep.dx_px - dx) < 1.5 and abs(rep.dy_px - dy) < 1.5 and abs(rep.rot_deg - phi) < 2.5, rep
+
+
+def test_reference_repetition_with_calibration_from_another_repetition(stream_factory) -> None:
+    """Reference = repetition 1 (moved against repetition 0, which holds the only ACS lines): coil maps
+    from the ACS lines alone (coils do not move), never mixed with the moved reference's rows."""
+    motions = ((0.0, 0.0, 0.0), (2.0, 1.0, 0.0), (2.0, 1.0, 0.0), (-1.0, 2.0, 7.0))
+    st = stream_factory(n_coils=8, motions=motions, extras=False, seed=4)
+    before = _copy(st.items)
+    out = list(MotionCorrector(st.header, GadgetParams(device="cpu", reference_repetition=1))(st.items))
+    reps = _reports(out)
+    assert reps[(0, 0)].reason.startswith("no reference yet") and reps[(0, 1)].reason == "reference"
+    assert reps[(0, 2)].dx_px == pytest.approx(0.0, abs=0.5)
+    assert reps[(0, 3)].corrected and reps[(0, 3)].reason == ""
+    img_b, img_a = _images(before, st.header), _images(out, st.header)
+    unc = _nrmse(img_b[(0, 3)], img_b[(0, 1)])
+    cor = _nrmse(img_a[(0, 3)], img_a[(0, 1)])
+    assert cor < 0.25 * unc, (unc, cor)

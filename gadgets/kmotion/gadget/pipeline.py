@@ -274,26 +274,34 @@ class CalibrationStore:
         return True
 
     def kspace_for(self, ref: AssembledSlice) -> tuple[np.ndarray, tuple[int, int]] | str:
-        """The reference's k-space with calibration lines filled in, and its fully sampled centre block.
+        """The calibration k-space of a reference slice and its fully sampled centre block ``[lo, hi)``.
 
+        Calibration lines of the reference's own repetition fill the rows the reference lacks.  Lines of
+        another repetition (the object may have moved in between) are not mixed with the reference: they
+        are used alone when they hold a block (coil sensitivities do not move), else the reference alone.
         Returns a reason string when fewer than :data:`MIN_CALIBRATION_ROWS` centre rows are fully sampled.
         """
         kspace = ref.kspace
         mask = ref.mask.copy()
-        lines = self._lines.get((ref.key.slice, ref.key.contrast, ref.key.set), [])
+        g = (ref.key.slice, ref.key.contrast, ref.key.set)
+        lines = self._lines.get(g, [])
         if lines:
             try:
                 cal = assemble(SliceBuffer(ref.key, list(lines), self.geometry, True), quiet=True)
-                if cal.kspace.shape == kspace.shape:
-                    kspace = np.where(cal.mask[None, :, None] & ~mask[None, :, None], cal.kspace, kspace)
-                    mask = mask | cal.mask
-                else:
+                if cal.kspace.shape != kspace.shape:
                     log.info(
                         "calibration lines of %s on another grid %s than the slice %s: ignored",
                         tuple(ref.key),
                         cal.kspace.shape,
                         kspace.shape,
                     )
+                elif self._rep[g] == ref.key.repetition:
+                    kspace = np.where(cal.mask[None, :, None] & ~mask[None, :, None], cal.kspace, kspace)
+                    mask = mask | cal.mask
+                else:
+                    lo, hi = calibration_block(cal.mask)
+                    if hi - lo >= MIN_CALIBRATION_ROWS:
+                        kspace, mask = cal.kspace, cal.mask
             except InputError as exc:
                 log.info("calibration lines of %s unusable: %s", tuple(ref.key), exc)
         rows = calibration_block(mask)
