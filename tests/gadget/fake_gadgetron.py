@@ -354,13 +354,6 @@ def echo_factory(props: dict[str, str]):  # noqa: ANN201
     return run
 
 
-def echo_correction(connection: object) -> None:
-    """Gadgetron target running the adapter with :func:`echo_factory`."""
-    from kmotion.gadget.gadgetron_adapter import run_connection
-
-    run_connection(connection, echo_factory)
-
-
 ACQ_HEADER_SIZE = ctypes.sizeof(ismrmrd.AcquisitionHeader)
 
 

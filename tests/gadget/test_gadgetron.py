@@ -1,10 +1,10 @@
 """The Gadgetron external gadget against a fake Gadgetron faithful to its External node (real sockets).
 
-The ``<execute>`` chain is run as Gadgetron runs it (``python -m gadgetron PORT MODULE TARGET``
-subprocesses): with the real pipeline on simulated data with known motion, and with a pass-through test
-double of the pipeline (``fake_gadgetron.echo_factory``).  The protocol and bad-input tests use the
-``<connect>`` chain against :func:`serve_gadgetron` running in this process (same adapter code, no
-interpreter start-up per test).
+The shipped ``<execute>`` chain is run as Gadgetron runs it (a ``python -m gadgetron PORT MODULE TARGET``
+subprocess) with the real pipeline on simulated data with known motion.  The protocol and bad-input tests
+use the ``<connect>`` chain against :func:`serve_gadgetron` running in this process (same adapter code, no
+interpreter start-up per test) with a pass-through test double of the pipeline
+(``fake_gadgetron.echo_factory``) or the real one (model errors); ``kmotion gadgetron`` is run as a command.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from kmotion.gadget.gadgetron_adapter import ADAPTER_PROPERTIES, serve_gadgetron
 
 CHAIN = REPO_ROOT / "config_xml" / "kmotion_cartesian_grappa.xml"
 CHAIN_CONNECT = REPO_ROOT / "config_xml" / "kmotion_cartesian_grappa_connect.xml"
-ECHO = ("fake_gadgetron", "echo_correction")
 TIMEOUT = 30.0
 
 
