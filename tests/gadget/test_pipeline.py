@@ -403,3 +403,30 @@ def test_reference_repetition_with_calibration_from_another_repetition(stream_fa
     unc = _nrmse(img_b[(0, 3)], img_b[(0, 1)])
     cor = _nrmse(img_a[(0, 3)], img_a[(0, 1)])
     assert cor < 0.25 * unc, (unc, cor)
+
+
+def test_flags_min_correction_and_unreliable_estimates(stream_factory) -> None:
+    st = stream_factory(
+        n_coils=2, motions=((0, 0, 0), (0, 0, 0), (1, 1, 1), (1, 1, 1), (1, 1, 1)), extras=False
+    )
+    mc = MotionCorrector(st.header, GadgetParams(device="cpu", output="trajectory", min_correction=0.5))
+    answers = [  # (motion in network px/deg, at_range_edge, unreliable)
+        ([0.3, -0.2, 0.4], False, False),  # below min_correction
+        ([11.9, 0.0, 2.0], True, True),  # at the range edge: flagged, still corrected
+        ([2.0, 1.0, 3.0], False, True),  # refinement and network disagree: flagged, still corrected
+        ([float("nan"), 0.0, 0.0], False, False),  # not finite: not corrected
+    ]
+
+    def estimate(ref: torch.Tensor, mov: torch.Tensor) -> Estimate:
+        m, edge, unrel = answers.pop(0)
+        return Estimate(torch.tensor([m]), torch.tensor([edge]), unreliable=torch.tensor([unrel]))
+
+    mc.estimator.estimate = estimate  # type: ignore[method-assign]
+    reps = _reports(list(mc(st.items)))
+    assert reps[(0, 1)].reason == "below min_correction" and not reps[(0, 1)].corrected
+    assert not reps[(0, 1)].flagged and reps[(0, 1)].rot_deg == pytest.approx(0.4)
+    assert reps[(0, 2)].flagged and reps[(0, 2)].corrected and "edge" in reps[(0, 2)].reason
+    assert reps[(0, 3)].flagged and reps[(0, 3)].corrected and "disagree" in reps[(0, 3)].reason
+    assert (
+        reps[(0, 4)].flagged and not reps[(0, 4)].corrected and reps[(0, 4)].reason == "estimate not finite"
+    )

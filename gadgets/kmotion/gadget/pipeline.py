@@ -641,7 +641,13 @@ class MotionCorrector:
                 dx_px, dy_px = dx_mm / a.pixel_spacing_mm[1], dy_mm / a.pixel_spacing_mm[0]
                 patient = tuple(dx_mm * r + dy_mm * p for r, p in zip(a.read_dir, a.phase_dir, strict=True))
                 finite = all(math.isfinite(v) for v in (dx_px, dy_px, phi))
-                flagged = bool(est.at_range_edge[i]) or not finite
+                edge = bool(est.at_range_edge[i])
+                unreliable = getattr(est, "unreliable", None)  # refinement and network disagree (or edge)
+                disagree = unreliable is not None and bool(unreliable[i]) and not edge
+                flagged = edge or disagree or not finite
+                why = "at the edge of the trained motion range" if edge else ""
+                if disagree:
+                    why = "unreliable: network and refinement disagree by > 3 px/deg"
                 rep = MotionReport(
                     w.buffer.key,
                     w.reference.slice.key.repetition,
@@ -653,7 +659,7 @@ class MotionCorrector:
                     patient,  # type: ignore[arg-type]
                     flagged,
                     True,
-                    "at the edge of the trained motion range" if flagged and finite else "",
+                    why if finite else "",
                 )
                 mc = self.params.min_correction
                 if not finite:
