@@ -550,15 +550,29 @@ class MotionCorrector:
             self._classify(w)
         self._estimate([w for w in work if w.crops is not None])
         todo = [w for w in work if w.report is not None and w.report.corrected]
+        sense: dict[tuple[object, ...], list[_Work]] = {}
         for w in todo:
             try:
-                self._correct(w)
+                if self._correct(w):
+                    assert w.assembled is not None
+                    a = w.assembled
+                    sense.setdefault((a.kspace.shape, a.pixel_spacing_mm), []).append(w)
             except Exception as exc:
-                log.warning("correction of %s failed: %s: %s", tuple(w.buffer.key), type(exc).__name__, exc)
-                assert w.report is not None
-                w.report.corrected = False
-                w.report.reason = f"correction failed: {type(exc).__name__}: {exc}"
-                w.new_data = w.traj = None
+                self._failed([w], exc)
+        for group in sense.values():  # one batched SENSE solve per grid shape
+            try:
+                self._correct_sense(group)
+            except Exception as exc:
+                self._failed(group, exc)
+
+    @staticmethod
+    def _failed(work: list[_Work], exc: Exception) -> None:
+        for w in work:
+            log.warning("correction of %s failed: %s: %s", tuple(w.buffer.key), type(exc).__name__, exc)
+            assert w.report is not None
+            w.report.corrected = False
+            w.report.reason = f"correction failed: {type(exc).__name__}: {exc}"
+            w.new_data = w.traj = None
 
     def _classify(self, w: _Work) -> None:
         """Assemble, pick or store the reference, prepare the network crops (sets ``w.report`` or crops)."""
@@ -670,8 +684,8 @@ class MotionCorrector:
                     rep.corrected, rep.reason = False, f"rotation {phi:.1f} deg beyond +-90"
                 w.report = rep
 
-    def _correct(self, w: _Work) -> None:
-        """Compute the corrected data of a slice (written to the acquisitions in ``_flush``)."""
+    def _correct(self, w: _Work) -> bool:
+        """Correct one slice by the ramp (trajectory mode, translation-only fallback); True: needs SENSE."""
         assert w.report is not None and w.assembled is not None and w.reference is not None
         rep, a = w.report, w.assembled
         n_ky = a.kspace.shape[1]
@@ -679,7 +693,7 @@ class MotionCorrector:
             lines = _ramp_lines(w.buffer, n_ky, rep.dx_px, rep.dy_px)
             w.new_data = [(acq, data) for acq, data, _, _ in lines]
             w.traj = [_rotated_traj(kx, ky, rep.rot_deg, a.fov_mm) for _, _, kx, ky in lines]
-            return
+            return False
         ref = w.reference
         if ref.maps is None:
             ref.maps = coil_maps_for(ref.slice, self.calibration, self.device)
@@ -688,25 +702,31 @@ class MotionCorrector:
             w.new_data = [(acq, data) for acq, data, _, _ in lines]
             rep.reason = f"translation only: {ref.maps}" + (f"; {rep.reason}" if rep.reason else "")
             log.warning("slice %s: rotation not corrected, %s", tuple(a.key), ref.maps)
-            return
-        maps = ref.maps.to(self.device)[None]
-        y = torch.from_numpy(a.kspace).to(self.device)[None]
-        mask = torch.from_numpy(a.mask).to(self.device)[None]
-        motion = torch.tensor([[rep.dx_px, rep.dy_px, rep.rot_deg]], dtype=torch.float64)
-        x = sense_reconstruct(
-            y,
-            mask,
-            maps,
-            motion.to(self.device),
-            a.pixel_spacing_mm,
-            self.params.sense_iterations,
-            SENSE_LAMBDA,
+            return False
+        return True
+
+    def _correct_sense(self, work: list[_Work]) -> None:
+        """SENSE with the motion in the model for slices on one grid, batched; new data on the same lines."""
+        slices = [w.assembled for w in work]
+        maps_list = [w.reference.maps for w in work if w.reference is not None]
+        assert all(a is not None for a in slices) and all(isinstance(m, torch.Tensor) for m in maps_list)
+        maps = torch.stack([m.to(self.device) for m in maps_list if isinstance(m, torch.Tensor)])
+        y = torch.stack([torch.from_numpy(a.kspace) for a in slices if a is not None]).to(self.device)
+        mask = torch.stack([torch.from_numpy(a.mask) for a in slices if a is not None]).to(self.device)
+        motion = torch.tensor(
+            [[w.report.dx_px, w.report.dy_px, w.report.rot_deg] for w in work if w.report is not None],
+            dtype=torch.float64,
         )
-        y_corr = MotionSense(maps, mask).forward(x)[0]
-        delta = (y_corr - y[0]).cpu().numpy() * a.mask[None, :, None]
+        spacing = slices[0].pixel_spacing_mm if slices[0] is not None else (1.0, 1.0)
+        x = sense_reconstruct(
+            y, mask, maps, motion.to(self.device), spacing, self.params.sense_iterations, SENSE_LAMBDA
+        )
+        y_corr = MotionSense(maps, mask).forward(x)
+        delta = ((y_corr - y) * mask[:, None, :, None]).cpu().numpy()
         if not np.isfinite(delta).all():
             raise ValueError("non-finite values in the SENSE correction")
-        w.new_data = _add_delta(w.buffer, delta)
+        for w, d in zip(work, delta, strict=True):
+            w.new_data = _add_delta(w.buffer, d)
 
 
 def _rotated_traj(kx: np.ndarray, ky: np.ndarray, phi_deg: float, fov_mm: tuple[float, float]) -> np.ndarray:
