@@ -436,3 +436,21 @@ def test_flags_min_correction_and_unreliable_estimates(stream_factory) -> None:
     assert (
         reps[(0, 4)].flagged and not reps[(0, 4)].corrected and reps[(0, 4)].reason == "estimate not finite"
     )
+
+
+def test_a_failing_source_still_gets_everything_received_out(stream_factory) -> None:
+    st = stream_factory(n_coils=2, motions=((0, 0, 0), (1.0, 1.0, 3.0)), extras=False)
+    n = len(st.items) - 5  # repetition 1 incomplete when the source breaks
+
+    def source():
+        yield from st.items[:n]
+        raise ConnectionError("peer vanished")
+
+    got: list[object] = []
+    with pytest.raises(ConnectionError, match="peer vanished"):
+        for o in MotionCorrector(st.header, CPU)(source()):
+            got.append(o)
+    assert sorted(id(o) for o in got if not isinstance(o, MotionReport)) == sorted(
+        id(o) for o in st.items[:n]
+    )
+    assert "incomplete" in _reports(got)[(0, 1)].reason

@@ -437,10 +437,21 @@ class _Tick:
 _TICK = _Tick()
 
 
-def _ticked(items: Iterable[object]) -> Iterator[object]:
-    for item in items:
-        yield item
-        yield _TICK
+class _Source:
+    """The input items, each followed by :data:`_TICK`; an exception of the source ends the stream and is
+    kept in ``error`` (so the held slices are still emitted before it is re-raised)."""
+
+    def __init__(self, items: Iterable[object]) -> None:
+        self.items = items
+        self.error: BaseException | None = None
+
+    def __iter__(self) -> Iterator[object]:
+        try:
+            for item in self.items:
+                yield item
+                yield _TICK
+        except Exception as exc:
+            self.error = exc
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -488,6 +499,9 @@ class MotionCorrector:
         ``batch_slices``); any other item (a line that completes nothing, a pass-through item, the end of
         the stream) flushes them first, so no slice waits for more than the next input item.
 
+        An exception raised by ``items`` itself (e.g. a broken connection) ends the stream: the slices held
+        so far (incomplete ones included) are emitted first, then the exception is re-raised.
+
         Each call is one stream: references and calibration lines of an earlier call are forgotten (the
         estimator stays loaded), so one corrector can serve several streams in a row, not at once.
         """
@@ -495,7 +509,8 @@ class MotionCorrector:
         self.references = {}
         pending: list[SliceBuffer] = []
         produced = False
-        for out in buffer_slices(_ticked(items), self.header):
+        source = _Source(items)
+        for out in buffer_slices(source, self.header):
             if out is _TICK:
                 if not produced and pending:
                     yield from self._flush(pending)
@@ -516,6 +531,13 @@ class MotionCorrector:
             yield out
         if pending:
             yield from self._flush(pending)
+        if source.error is not None:
+            log.warning(
+                "input stream failed (%s: %s): everything received was emitted, then the error is re-raised",
+                type(source.error).__name__,
+                source.error,
+            )
+            raise source.error
 
     def _flush(self, buffers: list[SliceBuffer]) -> Iterator[object]:
         t0 = time.perf_counter()
