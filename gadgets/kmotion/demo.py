@@ -201,15 +201,28 @@ def _finish_stream_demo(
     progress: bool | None,
     reference_note: str = "same recon, no noise",
 ) -> StreamDemoResult:
-    """Write ``raw``, replay it, reconstruct the motion-free twin, measure and draw."""
+    """Write ``raw``, replay it, reconstruct the motion-free twin, measure and draw.
+
+    ``motion_free`` is a one-repetition, noise-free (beyond the base images' own), motion-free acquisition of
+    the same objects and coils: every repetition of it would be identical, so its one image per slice is the
+    reference of every repetition of that slice.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     raw_h5 = write_raw(raw, out_dir / "raw.h5")
     csv_path = out_dir / "motion.csv"
     res = replay(raw_h5, out_dir / "replayed.h5", params, motion_csv=csv_path, progress=progress)
-    reference = _images_by_key(
-        reconstruct_images(iter(motion_free.items), motion_free.header, series_index=0)
-    )
+    ref_by_slice = {
+        key[0]: img
+        for key, img in _images_by_key(
+            reconstruct_images(iter(motion_free.items), motion_free.header, series_index=0)
+        ).items()
+    }
+    reference = {
+        (r["slice"], r["repetition"]): ref_by_slice[r["slice"]]
+        for r in res.rows
+        if r["slice"] in ref_by_slice
+    }
     uncorrected = _images_by_key(read_images(res.out, UNCORRECTED))
     corrected = _images_by_key(read_images(res.out, CORRECTED))
     per_image = []
@@ -378,7 +391,7 @@ def run_stream_demo(
     """
     cfg = RawConfig() if config is None else config
     raw = simulate_raw(cfg)
-    still = simulate_raw(replace(cfg, motion=((0.0, 0.0, 0.0),) * cfg.n_repetitions, snr=None))
+    still = simulate_raw(replace(cfg, n_repetitions=1, motion=((0.0, 0.0, 0.0),), snr=None))
     return _finish_stream_demo(
         raw, still, Path(out_dir), params, "kmotion streaming demo (simulated)", progress
     )
@@ -445,7 +458,7 @@ def run_twix_demo(
     )
     raw = simulate_raw_from_objects(obj[None], maps[None], cfg)
     still = simulate_raw_from_objects(
-        obj[None], maps[None], replace(cfg, motion=((0.0, 0.0, 0.0),) * n_repetitions)
+        obj[None], maps[None], replace(cfg, n_repetitions=1, motion=((0.0, 0.0, 0.0),))
     )
     title = f"kmotion streaming demo on {Path(twix_path).name} (simulated motion)"
     note = "same recon, the data's own noise"
