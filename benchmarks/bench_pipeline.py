@@ -13,7 +13,7 @@ The first moved slice loads the model and warms up the kernels; it is reported s
 the statistics.  Runs on CPU, and on CUDA when available (``--device``).
 
     .venv/bin/python benchmarks/bench_pipeline.py                       # CPU (+ CUDA where present)
-    .venv/bin/python benchmarks/bench_pipeline.py --repetitions 9 --output trajectory
+    .venv/bin/python benchmarks/bench_pipeline.py --repetitions 9 --output trajectory --threads 2
 """
 
 from __future__ import annotations
@@ -85,9 +85,11 @@ def main() -> None:
     p.add_argument("--repetitions", type=int, default=6, help="1 reference + N-1 moved slices")
     p.add_argument("--device", choices=("cpu", "cuda", "all"), default="all")
     p.add_argument("--output", choices=("cartesian", "trajectory"), default="cartesian")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (default 1, as kmotion replay; 0: torch's)"
+    )
     args = p.parse_args()
-    if args.threads:
+    if args.threads > 0:
         torch.set_num_threads(args.threads)
 
     cfg = RawConfig(matrix=tuple(args.matrix), n_coils=args.coils, n_slices=1, n_repetitions=args.repetitions)

@@ -123,8 +123,8 @@ def test_simulate_raw_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 def test_stream_demo_small(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
-    args = ["demo", "--out", str(tmp_path), "--matrix", "128", "128", "--coils", "4", "--repetitions", "3"]
-    assert main([*args, "--no-progress"]) == 0
+    args = ["demo", "--out", str(tmp_path), "--matrix", "128", "128", "--coils", "4", "--slices", "1"]
+    assert main([*args, "--repetitions", "3", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "MAE dx" in out and "NRMSE" in out
     assert (tmp_path / "motion_report.png").stat().st_size > 20_000

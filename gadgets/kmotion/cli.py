@@ -15,10 +15,11 @@ replay      stream an ISMRMRD ``.h5`` file through the motion-correction gadget 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 log = logging.getLogger("kmotion")
@@ -88,6 +89,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _stream_demo(args: argparse.Namespace) -> int:
+    with _threads(args.threads):
+        return _run_stream_demo(args)
+
+
+def _run_stream_demo(args: argparse.Namespace) -> int:
     from kmotion.demo import run_stream_demo, run_twix_demo
     from kmotion.gadget.pipeline import GadgetParams
     from kmotion.simulation.raw import RawConfig
@@ -113,7 +119,7 @@ def _stream_demo(args: argparse.Namespace) -> int:
         )
     else:
         cfg = RawConfig(
-            matrix=tuple(args.matrix or (192, 192)),
+            matrix=tuple(args.matrix or (256, 256)),
             fov_mm=tuple(args.fov),
             n_coils=args.coils or 8,
             n_slices=args.slices,
@@ -257,7 +263,32 @@ def _simulate_raw_parser(sub: argparse._SubParsersAction) -> None:
     r.set_defaults(func=cmd_simulate_raw)
 
 
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """torch intra-op CPU threads inside the block (0: leave torch's setting); restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+_THREADS_HELP = (
+    "torch CPU threads (default 1: the per-slice tensors are small, and on a shared 2-core machine two "
+    "threads were ~25x slower than one; 0: torch's default)"
+)
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
+    with _threads(args.threads):
+        return _run_replay(args)
+
+
+def _run_replay(args: argparse.Namespace) -> int:
     from kmotion.gadget.pipeline import GadgetParams
     from kmotion.replay import replay
 
@@ -306,6 +337,7 @@ def _replay_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--reference-repetition", type=int, default=None, help="default: first complete one")
     r.add_argument("--dataset", default="dataset", help="ISMRMRD group in the file")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--threads", type=int, default=1, help=_THREADS_HELP)
     r.set_defaults(func=cmd_replay)
 
 
@@ -446,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="the streaming demo on the Siemens phantom (default: the .dat in ../shared/data)",
     )
-    d.add_argument("--slices", type=int, default=1, help="streaming demo: slices")
+    d.add_argument("--slices", type=int, default=2, help="streaming demo: slices")
     d.add_argument(
         "--repetitions",
         type=int,
@@ -454,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="streaming demo: repetitions, 0 = reference (12; --twix 6)",
     )
     d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--threads", type=int, default=1, help="streaming demo: " + _THREADS_HELP)
     d.add_argument("--n-show", type=int, default=4, help="--pairs: pairs to draw")
     d.set_defaults(func=cmd_demo)
 
