@@ -2,7 +2,8 @@
 
 Subcommands
 -----------
-demo        simulate a batch of the study's training pairs and write a picture of a few of them
+demo        the streaming demo: simulate-raw -> replay -> PNG report, CSV, MAE and NRMSE (``--twix``: on the
+            Siemens phantom; ``--pairs``: simulate the study's training pairs and draw a few)
 simulate    simulate pairs and save them (``.npz``) with the study configuration
 inspect     load users' raw data (ISMRMRD/fastMRI ``.h5``, Siemens ``.dat``) as base images and plot them
 stream      MRD v1 stream on stdin through the motion-correction gadget to stdout
