@@ -152,6 +152,14 @@ def test_bad_input_exit_2_with_clear_message(tmp_path: Path, capsys: pytest.Capt
     assert "differ" in capsys.readouterr().err
     assert main(["replay", str(raw), str(tmp_path / "o2.h5"), "--device", "tpu"]) == 2
     assert "device" in capsys.readouterr().err
+    bad_model = tmp_path / "bad.safetensors"
+    bad_model.write_text("garbage")
+    for model in (bad_model, tmp_path / "absent.safetensors"):
+        assert (
+            main(["replay", str(raw), str(tmp_path / "o3.h5"), "--model", str(model), "--no-progress"]) == 2
+        )
+        assert model.name in capsys.readouterr().err
+        assert not (tmp_path / "o3.h5").exists()  # no partial output
 
 
 def test_open_ismrmrd_merges_waveforms_by_time(tmp_path: Path) -> None:

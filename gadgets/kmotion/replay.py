@@ -396,42 +396,46 @@ def replay(
     reports: list[MotionReport] = []
     counts = {"acq": 0, "wave": 0, "corr": 0, "img_c": 0, "img_u": 0}
     n_items = src.n_acquisitions + src.n_waveforms
-    with IsmrmrdWriter(out, src.xml, dataset) as writer:
+    try:
+        with IsmrmrdWriter(out, src.xml, dataset) as writer:
 
-        def tee(items: Iterable[object]) -> Iterator[object]:
-            for item in items:
-                if isinstance(item, ismrmrd.Acquisition):
-                    writer.append(item)
-                    counts["acq"] += 1
-                elif isinstance(item, ismrmrd.Waveform):
-                    writer.append(item)
-                    counts["wave"] += 1
-                elif isinstance(item, MotionReport):
-                    reports.append(item)
-                    if item.corrected:
-                        counts["corr"] += 1
-                    log.debug("%s", item.log_line())
-                yield item
+            def tee(items: Iterable[object]) -> Iterator[object]:
+                for item in items:
+                    if isinstance(item, ismrmrd.Acquisition):
+                        writer.append(item)
+                        counts["acq"] += 1
+                    elif isinstance(item, ismrmrd.Waveform):
+                        writer.append(item)
+                        counts["wave"] += 1
+                    elif isinstance(item, MotionReport):
+                        reports.append(item)
+                        if item.corrected:
+                            counts["corr"] += 1
+                        log.debug("%s", item.log_line())
+                    yield item
 
-        bar = tqdm(
-            src.items(),
-            total=n_items,
-            desc=f"replay {src.path.name}",
-            unit="item",
-            disable=(None if progress is None else not progress),
-            leave=False,
-        )
-        for img in reconstruct_images(
-            tee(motion_correct(bar, src.header, params)), src.header, series_index=2
-        ):
-            if isinstance(img, ismrmrd.Image):
-                writer.append_image(CORRECTED, img)
-                counts["img_c"] += 1
-        bar.close()
-        for img in reconstruct_images(src.items(), src.header, series_index=1):
-            if isinstance(img, ismrmrd.Image):
-                writer.append_image(UNCORRECTED, img)
-                counts["img_u"] += 1
+            bar = tqdm(
+                src.items(),
+                total=n_items,
+                desc=f"replay {src.path.name}",
+                unit="item",
+                disable=(None if progress is None else not progress),
+                leave=False,
+            )
+            for img in reconstruct_images(
+                tee(motion_correct(bar, src.header, params)), src.header, series_index=2
+            ):
+                if isinstance(img, ismrmrd.Image):
+                    writer.append_image(CORRECTED, img)
+                    counts["img_c"] += 1
+            bar.close()
+            for img in reconstruct_images(src.items(), src.header, series_index=1):
+                if isinstance(img, ismrmrd.Image):
+                    writer.append_image(UNCORRECTED, img)
+                    counts["img_u"] += 1
+    except BaseException:
+        out.unlink(missing_ok=True)  # no partial output file (e.g. a missing model, Ctrl-C)
+        raise
 
     if counts["acq"] != src.n_acquisitions or counts["wave"] != src.n_waveforms:
         raise RuntimeError(
