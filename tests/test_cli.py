@@ -142,3 +142,22 @@ def test_twix_demo_without_data_says_so(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["demo", "--twix", str(tmp_path / "absent.dat"), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "absent.dat" in err and "not found" in err
+
+
+def test_twix_demo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from _helpers import SHARED_DIR
+
+    twix = SHARED_DIR / "data" / "siemens_twix_gre_phantom.dat"
+    if not twix.exists():
+        pytest.skip("../shared/data not present")
+    assert (
+        main(["demo", "--twix", str(twix), "--repetitions", "3", "--out", str(tmp_path), "--no-progress"])
+        == 0
+    )
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["n_moved_slices"] == 2
+    assert summary["nrmse_corrected"] < 0.5 * summary["nrmse_uncorrected"]
+    assert summary["mae_dx_px"] < 1.0 and summary["mae_rot_deg"] < 1.5
+    assert (tmp_path / "motion_report.png").exists()
