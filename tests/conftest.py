@@ -5,6 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+# One intra-op thread: the suite also starts gadget/server subprocesses, and OpenMP threads spinning on
+# oversubscribed cores made some tests 25-40x slower on the 2-core machine (same results either way).
+torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip ``cuda``-marked tests automatically where no GPU is present."""
