@@ -27,9 +27,13 @@ def test_estimator_loads_and_returns_physical_units(tmp_path: Path) -> None:
     assert out.motion.shape == (5, 3) and out.at_range_edge.shape == (5,)
     # predictions are tanh outputs scaled by range * margin
     assert float(out.motion.abs().max()) <= 12.0 * study.target_margin + 1e-4
-    # scale invariance: standardisation inside the estimator
-    out2 = est.estimate(batch.reference * 7, batch.moved * 7)
-    torch.testing.assert_close(out.motion, out2.motion, rtol=1e-4, atol=1e-4)
+    # scale invariance of the network: standardisation inside the estimator
+    net = NetworkEstimator.load(path, device="cpu", refine=False)
+    out1 = net.estimate(batch.reference, batch.moved)
+    out2 = net.estimate(batch.reference * 7, batch.moved * 7)
+    torch.testing.assert_close(out1.motion, out2.motion, rtol=1e-4, atol=1e-4)
+    assert out.network is not None
+    torch.testing.assert_close(out.network, out1.motion, rtol=0, atol=1e-6)
 
 
 def test_estimator_rejects_bad_crops(tmp_path: Path) -> None:
