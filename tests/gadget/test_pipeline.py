@@ -214,20 +214,15 @@ def test_estimator_failure_passes_through(stream_factory, caplog) -> None:
 
 
 def _oracle(mc: MotionCorrector, st: object, n_rows: int) -> None:
-    """Replace the estimate by the true motion (network pixels = data mm / (FOV_y / n_net)): a test of
-    the correction alone, not a stand-in for the estimator's accuracy (tested below)."""
-    fov_y = st.spacing[0] * n_rows  # type: ignore[attr-defined]
-    mm_per_net = fov_y / mc.net_matrix[0]
+    """Replace the estimate by the true motion (the data's pixels): a test of the correction alone, not a
+    stand-in for the estimator's accuracy (tested below)."""
     truths = [m for m in st.motions[1:]]  # type: ignore[attr-defined]
 
-    def estimate(ref: torch.Tensor, mov: torch.Tensor) -> Estimate:
-        rows = []
-        for _ in range(len(ref)):
-            dx, dy, phi = truths.pop(0)
-            rows.append([dx * st.spacing[1] / mm_per_net, dy * st.spacing[0] / mm_per_net, phi])  # type: ignore[attr-defined]
-        return Estimate(torch.tensor(rows), torch.zeros(len(rows), dtype=torch.bool))
+    def estimate_data(ref: torch.Tensor, mov: torch.Tensor, *args: object, **kw: object) -> Estimate:
+        rows = [list(truths.pop(0)) for _ in range(len(ref))]
+        return Estimate(torch.tensor(rows, dtype=torch.float32), torch.zeros(len(rows), dtype=torch.bool))
 
-    mc.estimator.estimate = estimate  # type: ignore[method-assign]
+    mc.estimator.estimate_data = estimate_data  # type: ignore[method-assign]
 
 
 def test_cartesian_correction_with_true_motion(stream_factory) -> None:
@@ -416,18 +411,18 @@ def test_flags_min_correction_and_unreliable_estimates(stream_factory) -> None:
         n_coils=2, motions=((0, 0, 0), (0, 0, 0), (1, 1, 1), (1, 1, 1), (1, 1, 1)), extras=False
     )
     mc = MotionCorrector(st.header, GadgetParams(device="cpu", output="trajectory", min_correction=0.5))
-    answers = [  # (motion in network px/deg, at_range_edge, unreliable)
+    answers = [  # (motion in data px/deg, at_range_edge, unreliable)
         ([0.3, -0.2, 0.4], False, False),  # below min_correction
         ([11.9, 0.0, 2.0], True, True),  # at the range edge: flagged, still corrected
         ([2.0, 1.0, 3.0], False, True),  # refinement and network disagree: flagged, still corrected
         ([float("nan"), 0.0, 0.0], False, False),  # not finite: not corrected
     ]
 
-    def estimate(ref: torch.Tensor, mov: torch.Tensor) -> Estimate:
+    def estimate_data(ref: torch.Tensor, mov: torch.Tensor, *args: object, **kw: object) -> Estimate:
         m, edge, unrel = answers.pop(0)
         return Estimate(torch.tensor([m]), torch.tensor([edge]), unreliable=torch.tensor([unrel]))
 
-    mc.estimator.estimate = estimate  # type: ignore[method-assign]
+    mc.estimator.estimate_data = estimate_data  # type: ignore[method-assign]
     reps = _reports(list(mc(st.items)))
     assert reps[(0, 1)].reason == "below min_correction" and not reps[(0, 1)].corrected
     assert not reps[(0, 1)].flagged and reps[(0, 1)].rot_deg == pytest.approx(0.4)

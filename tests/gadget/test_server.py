@@ -130,7 +130,7 @@ def test_round_trip_real_pipeline(kmotion_server: int) -> None:
     for t in raw.truth[1:]:
         e = est[t.repetition]
         assert abs(e["dx_px"] - t.dx_px) < 1.0 and abs(e["dy_px"] - t.dy_px) < 1.0
-        assert abs(e["rot_deg"] - t.phi_deg) < 2.0
+        assert abs(e["rot_deg"] - t.phi_deg) < 3.0
         meta = ismrmrd.Meta.deserialize(imgs[t.repetition].attribute_string)
         assert any("kmotion" in k for k in meta), meta
 

@@ -122,7 +122,7 @@ class NetworkEstimator:
         matrix: tuple[int, int],
         fov_mm: tuple[float, float],
         acceleration: int,
-        refine_crop: tuple[int, int] = (64, 256),
+        refine_crop: tuple[int, int] = (128, 256),
     ) -> Estimate:
         """Estimate motion from crops of any matrix and FOV, in the data's own pixels.
 

@@ -26,7 +26,6 @@ import numpy as np
 import torch
 
 from kmotion.estimation.network import NetworkEstimator
-from kmotion.estimation.prepare import to_network_grid
 from kmotion.gadget.stages import (
     AssembledSlice,
     SliceBuffer,
@@ -48,6 +47,10 @@ __all__ = [
     "MotionReport",
     "motion_correct",
 ]
+
+_REFINE_ROWS = 128
+"""Acquired rows about the centre given to the estimator when the data hold them (the network reads its own
+64; the data-consistency refinement uses up to ``refine_crop`` rows of them)."""
 
 log = logging.getLogger("kmotion.gadget")
 
@@ -638,16 +641,17 @@ class MotionCorrector:
         if ref.acceleration not in (1, r_net):
             return f"acceleration {ref.acceleration} not supported by the network (trained at {r_net})"
         parity = ref.parity if ref.acceleration == r_net else 0
-        s_y = self.net_crop[0]
         n_ky = ref.kspace.shape[1]
-        j = np.arange(-(s_y // 2), s_y - s_y // 2)
-        rows = n_ky // 2 + parity + r_net * j
-        if rows[0] < 0 or rows[-1] >= n_ky or not (ref.mask[rows].all() and mov.mask[rows].all()):
-            return (
-                f"the network needs {s_y} acquired rows (every {r_net}nd) about the centre in the reference "
-                f"and this slice; {n_ky} rows, acquired {int(mov.mask.sum())}"
-            )
-        return rows
+        # the network reads its s_y central rows; the refinement uses up to _REFINE_ROWS of them
+        for s_y in sorted({max(self.net_crop[0], _REFINE_ROWS), self.net_crop[0]}, reverse=True):
+            j = np.arange(-(s_y // 2), s_y - s_y // 2)
+            rows = n_ky // 2 + parity + r_net * j
+            if rows[0] >= 0 and rows[-1] < n_ky and ref.mask[rows].all() and mov.mask[rows].all():
+                return rows
+        return (
+            f"the network needs {self.net_crop[0]} acquired rows (every {r_net}nd) about the centre in the "
+            f"reference and this slice; {n_ky} rows, acquired {int(mov.mask.sum())}"
+        )
 
     def _estimate(self, work: list[_Work]) -> None:
         """Run the network on every prepared slice (one call per grid shape) and fill the reports."""
@@ -655,12 +659,16 @@ class MotionCorrector:
         for w in work:
             assert w.crops is not None and w.assembled is not None
             groups.setdefault((tuple(w.crops[0].shape), w.assembled.fov_mm), []).append(w)
-        for (_, fov), ws in groups.items():
+        for ws in groups.values():
             ref = torch.stack([w.crops[0] for w in ws if w.crops is not None])
             mov = torch.stack([w.crops[1] for w in ws if w.crops is not None])
             try:
-                r_net, m_net, grid = to_network_grid(ref, mov, fov, self.net_matrix, self.net_crop)  # type: ignore[arg-type]
-                est = self.estimator.estimate(r_net, m_net)
+                a0 = ws[0].assembled
+                assert a0 is not None
+                n_ky, n_kx = a0.kspace.shape[1:]
+                est = self.estimator.estimate_data(
+                    ref, mov, (int(n_ky), int(n_kx)), a0.fov_mm, self.net_acceleration
+                )
             except (InputError, RuntimeError, ValueError) as exc:
                 for w in ws:
                     assert w.reference is not None
@@ -668,13 +676,11 @@ class MotionCorrector:
                         w.buffer.key, w.reference.slice.key.repetition, f"not estimated: {exc}"
                     )
                 continue
-            mm_y, mm_x = grid.mm_per_net_px
             for i, w in enumerate(ws):
                 assert w.assembled is not None and w.reference is not None
                 a = w.assembled
-                dx_net, dy_net, phi = (float(v) for v in est.motion[i])
-                dx_mm, dy_mm = dx_net * mm_x, dy_net * mm_y
-                dx_px, dy_px = dx_mm / a.pixel_spacing_mm[1], dy_mm / a.pixel_spacing_mm[0]
+                dx_px, dy_px, phi = (float(v) for v in est.motion[i])
+                dx_mm, dy_mm = dx_px * a.pixel_spacing_mm[1], dy_px * a.pixel_spacing_mm[0]
                 patient = tuple(dx_mm * r + dy_mm * p for r, p in zip(a.read_dir, a.phase_dir, strict=True))
                 finite = all(math.isfinite(v) for v in (dx_px, dy_px, phi))
                 edge = bool(est.at_range_edge[i])
