@@ -41,8 +41,7 @@ from tqdm import tqdm
 
 from kmotion.gadget.pipeline import GadgetParams, MotionReport, motion_correct
 from kmotion.gadget.recon import reconstruct_images
-from kmotion.io.base import _check_file
-from kmotion.io.ismrmrd_h5 import parse_encoding
+from kmotion.io.ismrmrd_h5 import check_ismrmrd_file, parse_encoding
 from kmotion.physics.validate import InputError
 from kmotion.simulation.raw import (
     TRUTH_DATASET,
@@ -148,21 +147,8 @@ def _waveform(rec: np.void) -> ismrmrd.Waveform:
 
 def open_ismrmrd(path: str | Path, dataset: str = "dataset") -> IsmrmrdSource:
     """Open an ISMRMRD ``.h5`` file for streaming; bad input raises :class:`InputError` naming the problem."""
-    p = _check_file(path)
-    src = str(p)
-    if not h5py.is_hdf5(p):
-        raise InputError(f"{src}: expected an HDF5 (ISMRMRD .h5) file, got a file that is not HDF5")
-    with h5py.File(p, "r") as f:
-        if dataset not in f or not isinstance(f[dataset], h5py.Group):
-            raise InputError(
-                f"{src}: ISMRMRD dataset group '{dataset}': expected an HDF5 group, got top-level entries "
-                f"{list(f.keys())}"
-            )
-        keys = list(f[dataset].keys())
-        n_acq = int(f[dataset]["data"].shape[0]) if "data" in keys else 0
-        n_wav = int(f[dataset]["waveforms"].shape[0]) if "waveforms" in keys else 0
-    if "xml" not in keys:
-        raise InputError(f"{src}: '{dataset}/xml': expected the ISMRMRD XML header, got entries {keys}")
+    src, keys, counts = check_ismrmrd_file(path, dataset)
+    n_acq, n_wav = counts.get("data", 0), counts.get("waveforms", 0)
     if "data" not in keys or n_acq == 0:
         raise InputError(f"{src}: '{dataset}/data': expected acquisitions, got entries {keys}")
     with ismrmrd.Dataset(src, dataset, create_if_needed=False, mode="r") as ds:
@@ -176,7 +162,7 @@ def open_ismrmrd(path: str | Path, dataset: str = "dataset") -> IsmrmrdSource:
         raise InputError(
             f"{src}: '{dataset}/xml': expected an ISMRMRD header that the ismrmrd schema accepts, got: {e}"
         ) from e
-    return IsmrmrdSource(p, dataset, header, xml, n_acq, n_wav)
+    return IsmrmrdSource(Path(src), dataset, header, xml, n_acq, n_wav)
 
 
 @dataclass

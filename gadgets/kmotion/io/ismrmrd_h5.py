@@ -124,6 +124,32 @@ def _et_encoding(xml: bytes | str) -> HeaderEncoding | None:
     return HeaderEncoding(em, ef, rm, rf, lim, text(enc, "trajectory"))
 
 
+def check_ismrmrd_file(path: str | Path, dataset: str = "dataset") -> tuple[str, list[str], dict[str, int]]:
+    """Check that ``path`` is an ISMRMRD HDF5 file with a ``dataset`` group holding an XML header.
+
+    Returns the path as a string, the group's entries and the number of records of each of its datasets;
+    raises :class:`InputError` naming the file and the missing part.
+    """
+    p = _check_file(path)
+    src = str(p)
+    if not h5py.is_hdf5(p):
+        raise InputError(f"{src}: expected an HDF5 (ISMRMRD .h5) file, got a file that is not HDF5")
+    with h5py.File(p, "r") as f:
+        if dataset not in f or not isinstance(f[dataset], h5py.Group):
+            raise InputError(
+                f"{src}: ISMRMRD dataset group '{dataset}': expected an HDF5 group, got top-level entries "
+                f"{list(f.keys())}"
+            )
+        group = f[dataset]
+        keys = list(group.keys())
+        counts = {
+            k: int(group[k].shape[0]) for k in keys if isinstance(group[k], h5py.Dataset) and group[k].shape
+        }
+    if "xml" not in keys:
+        raise InputError(f"{src}: '{dataset}/xml': expected the ISMRMRD XML header, got entries {keys}")
+    return src, keys, counts
+
+
 def parse_encoding(xml: bytes | str, source: str) -> HeaderEncoding:
     """Parse the first encoding of an ISMRMRD XML header.
 
@@ -207,23 +233,11 @@ def load_ismrmrd_h5(path: str | Path, dataset: str = "dataset") -> BaseImages:
     BaseImages
         ``images`` ``(n_images, n_coils, n_y, n_x)`` complex64 with ``fov_mm = (FOV_y, FOV_x)``.
     """
-    p = _check_file(path)
-    src = str(p)
-    if not h5py.is_hdf5(p):
-        raise InputError(f"{src}: expected an HDF5 (ISMRMRD .h5) file, got a file that is not HDF5")
-    with h5py.File(p, "r") as f:
-        if dataset not in f or not isinstance(f[dataset], h5py.Group):
-            raise InputError(
-                f"{src}: ISMRMRD dataset group '{dataset}': expected an HDF5 group, got top-level entries "
-                f"{list(f.keys())}"
-            )
-        group_keys = list(f[dataset].keys())
-    if "xml" not in group_keys:
-        raise InputError(f"{src}: '{dataset}/xml': expected the ISMRMRD XML header, got entries {group_keys}")
+    src, group_keys, _ = check_ismrmrd_file(path, dataset)
     if "data" not in group_keys:
         raise InputError(f"{src}: '{dataset}/data': expected acquisitions, got entries {group_keys}")
 
-    with ismrmrd.Dataset(str(p), dataset, create_if_needed=False, mode="r") as ds:
+    with ismrmrd.Dataset(src, dataset, create_if_needed=False, mode="r") as ds:
         enc = parse_encoding(ds.read_xml_header(), f"{src}: '{dataset}/xml'")
         if enc.trajectory.lower() != "cartesian":
             raise InputError(f"{src}: encoding trajectory: expected 'cartesian', got '{enc.trajectory}'")
