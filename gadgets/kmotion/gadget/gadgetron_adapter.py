@@ -55,6 +55,7 @@ from kmotion.gadget.mrd_stream import (
     estimate_text,
     kmotion_pipeline,
     properties_from_xml,
+    serve_connections,
     wire_item,
 )
 from kmotion.physics.validate import InputError
@@ -350,13 +351,8 @@ def serve_gadgetron(
     log.info("kmotion gadgetron: listening on %s:%d", host, srv.getsockname()[1])
     if on_ready is not None:
         on_ready(srv.getsockname()[1])
-    failures = 0
-    n = 0
-    threads: list[threading.Thread] = []
-    lock = threading.Lock()
 
-    def handle(sock: socket.socket, addr: Any) -> None:
-        nonlocal failures
+    def handle(sock: socket.socket, addr: Any) -> bool:
         guard = GuardedSocket(sock, handshake_timeout)
         ok = False
         try:
@@ -376,23 +372,6 @@ def serve_gadgetron(
                 pass
         finally:
             guard.close()
-            if not ok:
-                with lock:
-                    failures += 1
+        return ok
 
-    try:
-        while (max_connections is None or n < max_connections) and not (stop is not None and stop.is_set()):
-            try:
-                sock, addr = srv.accept()
-            except TimeoutError:
-                continue
-            n += 1
-            log.info("kmotion gadgetron: connection %d from %s", n, addr)
-            t = threading.Thread(target=handle, args=(sock, addr), daemon=True)
-            t.start()
-            threads.append(t)
-    finally:
-        srv.close()
-        for t in threads:
-            t.join()
-    return failures
+    return serve_connections(srv, handle, "kmotion gadgetron", max_connections, stop)

@@ -718,3 +718,49 @@ def run_stream(
         writer.text(f"ERROR kmotion stream: {e}")
     writer.close()
     return 2 if errors else 0
+
+
+def serve_connections(
+    srv: socket.socket,
+    handle: Callable[[socket.socket, Any], bool],
+    name: str,
+    max_connections: int | None = None,
+    stop: threading.Event | None = None,
+) -> int:
+    """Accept connections on the listening ``srv`` (1 s accept timeout) and run ``handle(sock, addr)`` in a
+    thread of its own for each; ``handle`` returns whether the connection succeeded, an exception counts as
+    a failure and never ends the loop.  Stops after ``max_connections`` connections or within a second of
+    ``stop`` being set; closes ``srv`` and joins the threads.  Returns the number of failed connections.
+    """
+    failures = 0
+    n = 0
+    lock = threading.Lock()
+    threads: list[threading.Thread] = []
+
+    def run(sock: socket.socket, addr: Any) -> None:
+        nonlocal failures
+        ok = False
+        try:
+            ok = handle(sock, addr)
+        except Exception:  # never take the server down
+            log.exception("%s: connection from %s failed", name, addr)
+        if not ok:
+            with lock:
+                failures += 1
+
+    try:
+        while (max_connections is None or n < max_connections) and not (stop is not None and stop.is_set()):
+            try:
+                sock, addr = srv.accept()
+            except TimeoutError:
+                continue
+            n += 1
+            log.info("%s: connection %d from %s", name, n, addr)
+            t = threading.Thread(target=run, args=(sock, addr), daemon=True, name=f"{name}-{n}")
+            t.start()
+            threads.append(t)
+    finally:
+        srv.close()
+        for t in threads:
+            t.join()
+    return failures

@@ -39,6 +39,7 @@ from kmotion.gadget.mrd_stream import (
     _Feed,
     kmotion_pipeline,
     read_preamble,
+    serve_connections,
 )
 from kmotion.physics.validate import InputError
 
@@ -179,36 +180,10 @@ def serve(
     log.info("kmotion serve: listening on %s:%d (config name: %s)", host, bound, ", ".join(CONFIG_NAMES))
     if on_ready is not None:
         on_ready(bound)
-    failures = 0
-    n = 0
-    lock = threading.Lock()
-    threads: list[threading.Thread] = []
 
-    def run(sock: socket.socket, addr: Any) -> None:
-        nonlocal failures
-        ok = False
-        try:
-            ok = handle_connection(
-                sock, f"client {addr[0]}:{addr[1]}", properties, factory, idle_timeout, limits, **kwargs
-            )
-        except Exception:  # never take the server down
-            log.exception("kmotion serve: connection from %s failed", addr)
-        if not ok:
-            with lock:
-                failures += 1
+    def run(sock: socket.socket, addr: Any) -> bool:
+        return handle_connection(
+            sock, f"client {addr[0]}:{addr[1]}", properties, factory, idle_timeout, limits, **kwargs
+        )
 
-    try:
-        while (max_connections is None or n < max_connections) and not (stop is not None and stop.is_set()):
-            try:
-                sock, addr = srv.accept()
-            except TimeoutError:
-                continue
-            n += 1
-            t = threading.Thread(target=run, args=(sock, addr), daemon=True, name=f"kmotion-serve-{n}")
-            t.start()
-            threads.append(t)
-    finally:
-        srv.close()
-        for t in threads:
-            t.join()
-    return failures
+    return serve_connections(srv, run, "kmotion serve", max_connections, stop)
