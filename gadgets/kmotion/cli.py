@@ -362,19 +362,14 @@ def _gadget_options(p: argparse.ArgumentParser) -> None:
 
 
 def _gadget_properties(args: argparse.Namespace) -> dict[str, str]:
+    from dataclasses import fields
+
+    from kmotion.gadget.pipeline import GadgetParams
     from kmotion.physics.validate import InputError
 
     props: dict[str, str] = {}
-    for name in (
-        "model",
-        "device",
-        "output",
-        "min_correction",
-        "reference_repetition",
-        "batch_slices",
-        "sense_iterations",
-    ):
-        v = getattr(args, name)
+    for name in (f.name for f in fields(GadgetParams)):  # the options mirror the gadget's parameters
+        v = getattr(args, name, None)
         if v is not None:
             props[name] = str(v)
     for item in args.set:
