@@ -643,7 +643,7 @@ class MotionCorrector:
         parity = ref.parity if ref.acceleration == r_net else 0
         n_ky = ref.kspace.shape[1]
         # the network reads its s_y central rows; the refinement uses up to _REFINE_ROWS of them
-        for s_y in sorted({max(self.net_crop[0], _REFINE_ROWS), self.net_crop[0]}, reverse=True):
+        for s_y in range(max(self.net_crop[0], _REFINE_ROWS), self.net_crop[0] - 1, -8):
             j = np.arange(-(s_y // 2), s_y - s_y // 2)
             rows = n_ky // 2 + parity + r_net * j
             if rows[0] >= 0 and rows[-1] < n_ky and ref.mask[rows].all() and mov.mask[rows].all():
