@@ -200,10 +200,10 @@ def test_estimator_failure_passes_through(stream_factory, caplog) -> None:
     before = _copy(st.items)
     mc = MotionCorrector(st.header, CPU)
 
-    def broken(ref: torch.Tensor, mov: torch.Tensor) -> Estimate:
+    def broken(ref: torch.Tensor, mov: torch.Tensor, *args: object, **kw: object) -> Estimate:
         raise RuntimeError("device lost")
 
-    mc.estimator.estimate = broken  # type: ignore[method-assign]
+    mc.estimator.estimate_data = broken  # type: ignore[method-assign]
     out = list(mc(st.items))
     assert "device lost" in _reports(out)[(0, 1)].reason
     acqs = [o for o in out if isinstance(o, ismrmrd.Acquisition)]

@@ -80,8 +80,25 @@ class NetworkEstimator:
                 f"estimate: reference and moved must both be (B, n_coils, s_y, s_x), got "
                 f"{tuple(reference.shape)} and {tuple(moved.shape)}"
             )
+        net = self._network(reference, moved, batch)
+        motion = net
+        if self.refine:  # on all coils: the refinement compresses coils its own way
+            ref_all, mov_all = (x.to(self.device, torch.complex64) for x in (reference, moved))
+            motion = register_classical(ref_all, mov_all, self.study, initial=net.to(self.device)).cpu()
+        limit = torch.tensor(self.study.motion_range)
+        edge = (motion.abs() >= 0.95 * limit).any(-1)
+        unreliable = edge | ((motion - net).abs() > 3.0).any(-1)
+        return Estimate(
+            motion=motion,
+            at_range_edge=edge,
+            network=net if self.refine else None,
+            unreliable=unreliable,
+        )
+
+    @torch.no_grad()
+    def _network(self, reference: torch.Tensor, moved: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+        """The network's own ``(B, 3)`` estimate (CPU) on crops of its grid (no refinement)."""
         expected = (self.model.config.in_channels // 4, *self.model.config.crop)
-        all_coils = (reference, moved)  # the refinement compresses coils its own way
         if reference.shape[1] > expected[0]:  # more coils than the network reads: virtual coils (SVD)
             reference, moved = compress_coils(
                 reference.to(torch.complex64), moved.to(torch.complex64), expected[0]
@@ -99,20 +116,7 @@ class NetworkEstimator:
                 ref, mov, _ = standardise_pair(ref, mov)
             out.append(self.model(to_channels(ref, mov)).float())
         pred = torch.cat(out) * self.scale
-        net = pred[:, [0, 1, 5]].cpu()
-        motion = net
-        if self.refine:
-            ref_all, mov_all = (x.to(self.device, torch.complex64) for x in all_coils)
-            motion = register_classical(ref_all, mov_all, self.study, initial=net.to(self.device)).cpu()
-        limit = torch.tensor(self.study.motion_range)
-        edge = (motion.abs() >= 0.95 * limit).any(-1)
-        unreliable = edge | ((motion - net).abs() > 3.0).any(-1)
-        return Estimate(
-            motion=motion,
-            at_range_edge=edge,
-            network=net if self.refine else None,
-            unreliable=unreliable,
-        )
+        return pred[:, [0, 1, 5]].cpu()
 
     @torch.no_grad()
     def estimate_data(
@@ -149,18 +153,14 @@ class NetworkEstimator:
         if n_kx != matrix[1]:
             raise InputError(f"estimate_data: crops must hold all {matrix[1]} readout samples, got {n_kx}")
         ref_n, mov_n, grid = to_network_grid(reference, moved, fov_mm, self.study.matrix, self.study.crop)
-        refine, self.refine = self.refine, False
-        try:
-            raw = self.estimate(ref_n, mov_n)
-        finally:
-            self.refine = refine
         dy_mm, dx_mm = fov_mm[0] / matrix[0], fov_mm[1] / matrix[1]
         to_px = torch.tensor([grid.mm_per_net_px[1] / dx_mm, grid.mm_per_net_px[0] / dy_mm, 1.0])
-        net = raw.motion * to_px
+        net = self._network(ref_n, mov_n) * to_px
         rng = self.study.motion_range
         range_px = (rng[0] * float(to_px[0]), rng[1] * float(to_px[1]), rng[2])
         if not self.refine:
-            return Estimate(motion=net, at_range_edge=raw.at_range_edge, unreliable=raw.at_range_edge)
+            edge = (net.abs() >= 0.95 * torch.tensor(range_px)).any(-1)
+            return Estimate(motion=net, at_range_edge=edge, unreliable=edge)
         s_y, s_x = min(n_rows, refine_crop[0]), min(n_kx, refine_crop[1])
         r0, c0 = n_rows // 2 - s_y // 2, n_kx // 2 - s_x // 2
         config = replace(
