@@ -50,6 +50,7 @@ from kmotion.gadget.mrd_stream import (
     MessageReader,
     PipelineFactory,
     ProtocolError,
+    SocketSource,
     StreamEndedError,
     UnknownMessageError,
     estimate_text,
@@ -107,33 +108,25 @@ class GuardedSocket:
         self, sock: Any, timeout: float | None, limits: Limits | None = None, peer: str = "Gadgetron"
     ) -> None:
         self.raw = sock
-        self.timeout = timeout
         self.dead = False
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         except OSError:
             pass
-        sock.settimeout(timeout)
-        self._reader = MessageReader(self, limits or Limits(), peer)
+        self._source = SocketSource(
+            sock, timeout, peer, "(idle_timeout_s); the peer vanished or stalled without CLOSE"
+        )
+        self._reader = MessageReader(self._source, limits or Limits(), peer)
 
-    # ByteSource for the reader
-    def read(self, n: int) -> bytes:
-        """Up to ``n`` bytes (fewer only at end of input)."""
-        buf = bytearray()
-        while len(buf) < n:
-            try:
-                b = self.raw.recv(min(n - len(buf), 1 << 20))
-            except TimeoutError as exc:
-                raise ProtocolError(
-                    f"{self._reader.peer}: no data for {self.timeout:g} s (idle_timeout_s); the peer "
-                    "vanished or stalled without CLOSE"
-                ) from exc
-            except OSError:
-                b = b""
-            if not b:
-                break
-            buf += b
-        return bytes(buf)
+    @property
+    def timeout(self) -> float | None:
+        """Seconds a read may wait (``None``: forever); setting it applies it to the socket."""
+        return self._source.timeout
+
+    @timeout.setter
+    def timeout(self, value: float | None) -> None:
+        self._source.timeout = value
+        self.raw.settimeout(value)
 
     def settimeout(self, value: float | None) -> None:
         """Keep the bounded timeout when gadgetron asks for ``None``."""
@@ -288,7 +281,6 @@ def run_connection(connection: Any, factory: PipelineFactory = kmotion_pipeline)
             log.warning("Gadgetron CONFIG is not XML (empty <configuration>?): default properties")
         props, send_text, timeout, limits = _split_properties(properties_from_xml(connection.config))
         guard.timeout = timeout
-        guard.raw.settimeout(timeout)
         guard._reader.limits = limits
         pipeline = factory(props)
         log.info("kmotion gadget: properties %s, send_text=%s, idle timeout %s s", props, send_text, timeout)

@@ -165,10 +165,17 @@ class SocketSource:
     ``timeout=None`` waits forever (not recommended: a half-open connection would then block).
     """
 
-    def __init__(self, sock: socket.socket, timeout: float | None = 600.0, peer: str = "peer") -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        timeout: float | None = 600.0,
+        peer: str = "peer",
+        timeout_hint: str = "giving up on this connection",
+    ) -> None:
         self.sock = sock
         self.timeout = timeout
         self.peer = peer
+        self.timeout_hint = timeout_hint
         sock.settimeout(timeout)
 
     def read(self, n: int) -> bytes:
@@ -180,7 +187,7 @@ class SocketSource:
             except TimeoutError as exc:
                 raise PeerTimeoutError(
                     f"{self.peer}: no data for {self.timeout:g} s (expected {n - len(buf)} more bytes); "
-                    "giving up on this connection"
+                    f"{self.timeout_hint}"
                 ) from exc
             except OSError as exc:  # connection reset
                 log.debug("%s: socket error %s", self.peer, exc)
