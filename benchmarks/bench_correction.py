@@ -49,18 +49,13 @@ def run(cfg: RawConfig, oracle: bool, device: str, refine: bool = True) -> dict[
     if hasattr(mc.estimator, "refine"):
         mc.estimator.refine = refine
     if oracle:
-        mm_per_net = cfg.fov_mm[0] / mc.net_matrix[0]
-        dy_mm, dx_mm = cfg.pixel_spacing_mm
         queue = [t for t in raw.truth if t.repetition > 0]  # the pipeline meets the slices in stream order
 
-        def estimate(ref: torch.Tensor, mov: torch.Tensor) -> Estimate:
-            rows = []
-            for _ in range(len(ref)):
-                t = queue.pop(0)
-                rows.append([t.dx_px * dx_mm / mm_per_net, t.dy_px * dy_mm / mm_per_net, t.phi_deg])
+        def estimate_data(ref: torch.Tensor, mov: torch.Tensor, *args: object, **kw: object) -> Estimate:
+            rows = [[t.dx_px, t.dy_px, t.phi_deg] for t in (queue.pop(0) for _ in range(len(ref)))]
             return Estimate(torch.tensor(rows), torch.zeros(len(rows), dtype=torch.bool))
 
-        mc.estimator.estimate = estimate  # type: ignore[method-assign]
+        mc.estimator.estimate_data = estimate_data  # type: ignore[method-assign]
     before = _copy(raw.items)
     t0 = time.perf_counter()
     out = list(mc(raw.items))

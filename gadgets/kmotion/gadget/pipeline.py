@@ -489,7 +489,6 @@ class MotionCorrector:
         path = Path(self.params.model) if self.params.model else DEFAULT_MODEL
         self.estimator = NetworkEstimator.load(path, self.device)
         self.net_crop: tuple[int, int] = tuple(self.estimator.model.config.crop)  # type: ignore[assignment]
-        self.net_matrix: tuple[int, int] = tuple(self.estimator.study.matrix)  # type: ignore[assignment]
         self.net_acceleration = int(self.estimator.study.acceleration)
         self.calibration = CalibrationStore(self.geometry)
         self.references: dict[tuple[int, int, int], _Reference] = {}
