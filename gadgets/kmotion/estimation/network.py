@@ -85,15 +85,7 @@ class NetworkEstimator:
         if self.refine:  # on all coils: the refinement compresses coils its own way
             ref_all, mov_all = (x.to(self.device, torch.complex64) for x in (reference, moved))
             motion = register_classical(ref_all, mov_all, self.study, initial=net.to(self.device)).cpu()
-        limit = torch.tensor(self.study.motion_range)
-        edge = (motion.abs() >= 0.95 * limit).any(-1)
-        unreliable = edge | ((motion - net).abs() > 3.0).any(-1)
-        return Estimate(
-            motion=motion,
-            at_range_edge=edge,
-            network=net if self.refine else None,
-            unreliable=unreliable,
-        )
+        return _flagged(motion, net, torch.tensor(self.study.motion_range), torch.ones(3), self.refine)
 
     @torch.no_grad()
     def _network(self, reference: torch.Tensor, moved: torch.Tensor, batch: int = 1024) -> torch.Tensor:
@@ -159,8 +151,7 @@ class NetworkEstimator:
         rng = self.study.motion_range
         range_px = (rng[0] * float(to_px[0]), rng[1] * float(to_px[1]), rng[2])
         if not self.refine:
-            edge = (net.abs() >= 0.95 * torch.tensor(range_px)).any(-1)
-            return Estimate(motion=net, at_range_edge=edge, unreliable=edge)
+            return _flagged(net, net, torch.tensor(range_px), to_px, refined=False)
         s_y, s_x = min(n_rows, refine_crop[0]), min(n_kx, refine_crop[1])
         r0, c0 = n_rows // 2 - s_y // 2, n_kx // 2 - s_x // 2
         config = replace(
@@ -178,9 +169,16 @@ class NetworkEstimator:
         ref_c = reference[..., r0 : r0 + s_y, c0 : c0 + s_x].to(self.device, torch.complex64)
         mov_c = moved[..., r0 : r0 + s_y, c0 : c0 + s_x].to(self.device, torch.complex64)
         motion = register_classical(ref_c, mov_c, config, initial=net.to(self.device)).cpu()
-        limit = torch.tensor(range_px)
-        edge = (motion.abs() >= 0.95 * limit).any(-1)
-        unreliable = edge | (
-            (motion - net).abs() > 3.0 * torch.tensor([float(to_px[0]), float(to_px[1]), 1.0])
-        ).any(-1)
-        return Estimate(motion=motion, at_range_edge=edge, network=net, unreliable=unreliable)
+        return _flagged(motion, net, torch.tensor(range_px), to_px, refined=True)
+
+
+def _flagged(
+    motion: torch.Tensor, net: torch.Tensor, limit: torch.Tensor, unit: torch.Tensor, refined: bool
+) -> Estimate:
+    """``motion`` with its flags: within 5 % of the trained range ``limit`` (``(3,)``), or more than
+    3 network px/deg (``3 * unit`` in the units of ``motion``) away from the network's estimate ``net``."""
+    edge = (motion.abs() >= 0.95 * limit).any(-1)
+    unreliable = edge | ((motion - net).abs() > 3.0 * unit).any(-1)
+    return Estimate(
+        motion=motion, at_range_edge=edge, network=net if refined else None, unreliable=unreliable
+    )
