@@ -106,7 +106,7 @@ def test_simulate_from_twix_raw_data(tmp_path: Path) -> None:
 
 def test_simulate_raw_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from kmotion.io.ismrmrd_h5 import load_ismrmrd_h5
-    from kmotion.simulation.raw import read_true_motion
+    from kmotion.io.ismrmrd_writer import read_true_motion
 
     out = tmp_path / "raw.h5"
     args = ["simulate-raw", str(out), "--matrix", "64", "48", "--coils", "2", "--slices", "1"]

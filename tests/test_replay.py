@@ -12,17 +12,11 @@ import numpy as np
 import pytest
 
 from kmotion.cli import main
-from kmotion.replay import (
-    CORRECTED,
-    CSV_COLUMNS,
-    TRUE_COLUMNS,
-    UNCORRECTED,
-    _relative_truth,
-    open_ismrmrd,
-    read_estimates,
-    read_images,
-)
-from kmotion.simulation.raw import RawConfig, TrueMotion, read_true_motion, simulate_raw, write_raw
+from kmotion.io.estimates import CSV_COLUMNS, TRUE_COLUMNS, read_estimates
+from kmotion.io.ismrmrd_reader import open_ismrmrd, read_images
+from kmotion.io.ismrmrd_writer import TrueMotion, read_true_motion
+from kmotion.replay import CORRECTED, UNCORRECTED, _relative_truth
+from kmotion.simulation.raw import RawConfig, simulate_raw, write_raw
 
 # the network needs >= 64 acquired rows: 128 rows at R = 2
 CFG = RawConfig(matrix=(128, 128), n_coils=4, n_slices=1, n_repetitions=3, waveforms=True, seed=5)

@@ -23,8 +23,6 @@ repetition, composed from the stored per-repetition truth).
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import math
 import time
@@ -33,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import h5py
 import ismrmrd
 import ismrmrd.xsd
 import numpy as np
@@ -41,128 +38,18 @@ from tqdm import tqdm
 
 from kmotion.gadget.pipeline import GadgetParams, MotionReport, motion_correct
 from kmotion.gadget.recon import reconstruct_images
-from kmotion.io.ismrmrd_h5 import check_ismrmrd_file, parse_encoding
+from kmotion.io.estimates import TRUE_COLUMNS, write_estimates, write_motion_csv
+from kmotion.io.ismrmrd_h5 import parse_encoding
+from kmotion.io.ismrmrd_reader import open_ismrmrd
+from kmotion.io.ismrmrd_writer import IsmrmrdWriter, TrueMotion, read_true_motion, write_true_motion
 from kmotion.physics.validate import InputError
-from kmotion.simulation.raw import (
-    TRUTH_DATASET,
-    IsmrmrdWriter,
-    TrueMotion,
-    read_true_motion,
-    write_true_motion,
-)
 
-__all__ = [
-    "ESTIMATES_DATASET",
-    "IsmrmrdSource",
-    "ReplayResult",
-    "estimate_rows",
-    "open_ismrmrd",
-    "read_estimates",
-    "read_images",
-    "replay",
-    "summarise",
-    "write_motion_csv",
-]
+__all__ = ["CORRECTED", "UNCORRECTED", "ReplayResult", "estimate_rows", "replay", "summarise"]
 
 log = logging.getLogger("kmotion.replay")
 
-ESTIMATES_DATASET = "kmotion/motion_estimates"
 UNCORRECTED = "images_uncorrected"
 CORRECTED = "images_corrected"
-
-CSV_COLUMNS = [
-    "slice",
-    "contrast",
-    "repetition",
-    "set",
-    "reference_repetition",
-    "dx_px",
-    "dy_px",
-    "rot_deg",
-    "dx_mm",
-    "dy_mm",
-    "patient_x_mm",
-    "patient_y_mm",
-    "patient_z_mm",
-    "flagged",
-    "corrected",
-    "reason",
-]
-TRUE_COLUMNS = ["true_dx_px", "true_dy_px", "true_rot_deg", "true_dx_mm", "true_dy_mm"]
-
-
-@dataclass
-class IsmrmrdSource:
-    """An opened ISMRMRD file: its header and the counts of its items (read lazily by :meth:`items`)."""
-
-    path: Path
-    dataset: str
-    header: ismrmrd.xsd.ismrmrdHeader
-    xml: str
-    n_acquisitions: int
-    n_waveforms: int
-
-    def items(self, chunk: int = 256) -> Iterator[object]:
-        """Acquisitions and waveforms in time-stamp order (read in chunks of ``chunk`` records).
-
-        Acquisitions keep their file order; each waveform is emitted before the first acquisition whose
-        ``acquisition_time_stamp`` is not earlier than the waveform's ``time_stamp`` (the rest at the end).
-        """
-        with h5py.File(self.path, "r") as f:
-            grp = f[self.dataset]
-            waves = [_waveform(r) for r in grp["waveforms"][()]] if self.n_waveforms else []
-            waves.sort(key=lambda w: int(w.time_stamp))
-            data = grp["data"]
-            j = 0
-            for start in range(0, self.n_acquisitions, chunk):
-                for rec in data[start : start + chunk]:
-                    acq = _acquisition(rec)
-                    t = int(acq.acquisition_time_stamp)
-                    while j < len(waves) and int(waves[j].time_stamp) <= t:
-                        yield waves[j]
-                        j += 1
-                    yield acq
-            yield from waves[j:]
-
-
-def _acquisition(rec: np.void) -> ismrmrd.Acquisition:
-    """An ``ismrmrd.Acquisition`` from one record of an ISMRMRD ``data`` dataset (as ``read_acquisition``)."""
-    acq = ismrmrd.Acquisition(rec["head"])
-    acq.data[:] = rec["data"].view(np.complex64).reshape(acq.active_channels, acq.number_of_samples)
-    if acq.traj.size > 0:
-        acq.traj[:] = rec["traj"].reshape(acq.number_of_samples, acq.trajectory_dimensions)
-    return acq
-
-
-def _waveform(rec: np.void) -> ismrmrd.Waveform:
-    """An ``ismrmrd.Waveform`` from one record of a ``waveforms`` dataset (as ``read_waveform``)."""
-    from ismrmrd.hdf5 import waveform_header_dtype
-
-    head = np.zeros((1,), dtype=waveform_header_dtype)
-    head[0] = rec["head"]
-    wav = ismrmrd.Waveform(head)
-    wav.data[:] = rec["data"].view(np.uint32).reshape(wav.channels, wav.number_of_samples)
-    return wav
-
-
-def open_ismrmrd(path: str | Path, dataset: str = "dataset") -> IsmrmrdSource:
-    """Open an ISMRMRD ``.h5`` file for streaming; bad input raises :class:`InputError` naming the problem."""
-    src, keys, counts = check_ismrmrd_file(path, dataset)
-    n_acq, n_wav = counts.get("data", 0), counts.get("waveforms", 0)
-    if "data" not in keys or n_acq == 0:
-        raise InputError(f"{src}: '{dataset}/data': expected acquisitions, got entries {keys}")
-    with ismrmrd.Dataset(src, dataset, create_if_needed=False, mode="r") as ds:
-        raw_xml = ds.read_xml_header()
-    xml = raw_xml.decode("utf-8", "replace") if isinstance(raw_xml, bytes) else str(raw_xml)
-    xml = xml.rstrip("\x00")
-    parse_encoding(xml, f"{src}: '{dataset}/xml'")  # clear messages for a missing/bad <encoding>
-    try:
-        header = ismrmrd.xsd.CreateFromDocument(xml)
-    except Exception as e:  # the schema parser's exceptions have no common base
-        raise InputError(
-            f"{src}: '{dataset}/xml': expected an ISMRMRD header that the ismrmrd schema accepts, got: {e}"
-        ) from e
-    return IsmrmrdSource(Path(src), dataset, header, xml, n_acq, n_wav)
 
 
 @dataclass
@@ -209,7 +96,7 @@ def estimate_rows(
     truth: Sequence[TrueMotion] | None = None,
     spacing_mm: tuple[float, float] = (1.0, 1.0),
 ) -> list[dict[str, Any]]:
-    """One CSV row (dict, keys ``CSV_COLUMNS`` [+ ``TRUE_COLUMNS``]) per report."""
+    """One CSV row (dict, keys :data:`~kmotion.io.estimates.CSV_COLUMNS` [+ ``TRUE_COLUMNS``]) per report."""
     by_key = {(t.slice, t.repetition): t for t in truth} if truth else {}
     rows = []
     for rep in reports:
@@ -269,75 +156,6 @@ def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
     ):
         out[name] = float(np.mean([abs(r[est] - r[tru]) for r in use]))
     return out
-
-
-def write_motion_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Write estimate rows as CSV (columns ``CSV_COLUMNS`` [+ ``TRUE_COLUMNS``])."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    cols = CSV_COLUMNS + (TRUE_COLUMNS if rows and "true_dx_px" in rows[0] else [])
-    with p.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
-    return p
-
-
-_EST_DTYPE = np.dtype(
-    [(c, "<i4") for c in CSV_COLUMNS[:5]]
-    + [(c, "<f8") for c in CSV_COLUMNS[5:13]]
-    + [("flagged", "?"), ("corrected", "?"), ("reason", h5py.string_dtype())]
-)
-
-
-def _write_estimates(path: Path, reports: Sequence[MotionReport], rows: Sequence[dict[str, Any]]) -> None:
-    arr = np.array([tuple(r[c] for c in _EST_DTYPE.names or ()) for r in rows], dtype=_EST_DTYPE)
-    with h5py.File(path, "a") as f:
-        if ESTIMATES_DATASET in f:
-            del f[ESTIMATES_DATASET]
-        d = f.create_dataset(ESTIMATES_DATASET, data=arr, maxshape=(None,))
-        d.attrs["json"] = json.dumps([_jsonable(r.as_dict()) for r in reports])
-        d.attrs["description"] = (
-            "kmotion motion estimates per (slice, contrast, repetition, set) relative to "
-            "reference_repetition: "
-            "dx/dy in pixels of the recon grid and mm, rot in degrees, patient-frame translation in mm"
-        )
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
-def read_estimates(path: str | Path) -> list[dict[str, Any]]:
-    """The ``/kmotion/motion_estimates`` rows of a replay output file."""
-    with h5py.File(path, "r") as f:
-        if ESTIMATES_DATASET not in f:
-            raise InputError(
-                f"{path}: '{ESTIMATES_DATASET}': expected the estimates of kmotion replay, got none"
-            )
-        arr = f[ESTIMATES_DATASET][()]
-    rows = []
-    for a in arr:
-        row = {n: (a[n].decode() if isinstance(a[n], bytes) else a[n].item()) for n in arr.dtype.names}
-        rows.append(row)
-    return rows
-
-
-def read_images(path: str | Path, group: str, dataset: str = "dataset") -> list[ismrmrd.Image]:
-    """The images of ``/dataset/<group>`` of an ISMRMRD file (empty list when absent)."""
-    with ismrmrd.Dataset(str(path), dataset, create_if_needed=False, mode="r") as ds:
-        if group not in ds._dataset:  # noqa: SLF001 - ismrmrd has no public "has images" query
-            return []
-        return [ds.read_image(group, i) for i in range(ds.number_of_images(group))]
 
 
 def replay(
@@ -429,7 +247,7 @@ def replay(
             f"{counts['acq']} and {counts['wave']} out"
         )
     rows = estimate_rows(reports, truth, _spacing(src.header))
-    _write_estimates(out, reports, rows)
+    write_estimates(out, rows, [r.as_dict() for r in reports])
     if truth is not None:
         write_true_motion(out, truth)
     if motion_csv is not None:
@@ -447,6 +265,3 @@ def replay(
         seconds=time.perf_counter() - t0,
         summary=summarise(rows),
     )
-
-
-__all__ += ["CORRECTED", "CSV_COLUMNS", "TRUE_COLUMNS", "TRUTH_DATASET", "UNCORRECTED"]

@@ -13,17 +13,10 @@ import torch
 
 from kmotion.gadget.stages import SliceBuffer, SliceGeometry, assemble, buffer_slices
 from kmotion.io.ismrmrd_h5 import load_ismrmrd_h5, parse_encoding
+from kmotion.io.ismrmrd_writer import read_true_motion, true_motion_from_header
 from kmotion.physics.fft import fft2c, ifft2c
 from kmotion.physics.motion import apply_motion_image, undo_motion_kspace
-from kmotion.simulation.raw import (
-    NETWORK_RANGE_DEG,
-    NETWORK_RANGE_MM,
-    RawConfig,
-    read_true_motion,
-    simulate_raw,
-    true_motion_from_header,
-    write_raw,
-)
+from kmotion.simulation.raw import NETWORK_RANGE_DEG, NETWORK_RANGE_MM, RawConfig, simulate_raw, write_raw
 
 SMALL = RawConfig(
     matrix=(64, 48), fov_mm=(200.0, 150.0), n_coils=3, n_slices=2, n_repetitions=5, calibration_lines=8

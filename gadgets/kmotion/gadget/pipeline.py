@@ -34,7 +34,7 @@ from kmotion.gadget.stages import (
     assemble,
     buffer_slices,
 )
-from kmotion.io.ismrmrd_h5 import _centred_length, _readout_grid
+from kmotion.io.ismrmrd_h5 import centred_length, readout_grid
 from kmotion.physics.fft import fft1c, ifft1c
 from kmotion.physics.sense import MotionSense, calibration_block, coil_maps_lowres, sense_reconstruct
 from kmotion.physics.validate import InputError
@@ -357,9 +357,9 @@ def _layout(buffer: SliceBuffer) -> tuple[int, int, list[_Line]]:
         raw_centre = int(a.center_sample) or n_s // 2
         centre = raw_centre - pre
         if 0 <= centre < n:
-            lengths.append(_centred_length(n, centre))
+            lengths.append(centred_length(n, centre))
         lines.append((a, n_s, pre, n, centre, raw_centre))
-    n_ro, n_x, _ = _readout_grid(enc, max(lengths, default=enc.encoded_matrix[0]))
+    n_ro, n_x, _ = readout_grid(enc, max(lengths, default=enc.encoded_matrix[0]))
     out = []
     for a, _n_s, pre, n, centre, raw_centre in lines:
         row = int(a.idx.kspace_encode_step_1) - c_ky + n_ky // 2

@@ -38,12 +38,12 @@ import numpy as np
 import torch
 
 from kmotion.io.ismrmrd_h5 import (
-    _SKIP_FLAGS,
+    SKIP_FLAGS,
     HeaderEncoding,
-    _centred_length,
-    _readout_grid,
+    centred_length,
     crop_readout,
     parse_encoding,
+    readout_grid,
 )
 from kmotion.physics.fft import fft1c, ifft1c
 from kmotion.physics.validate import InputError
@@ -146,7 +146,7 @@ def is_imaging(item: object) -> bool:
     """True for an ``ismrmrd.Acquisition`` that is an imaging line of encoding space 0."""
     if not isinstance(item, ismrmrd.Acquisition):
         return False
-    if any(item.is_flag_set(f) for f in _SKIP_FLAGS):
+    if any(item.is_flag_set(f) for f in SKIP_FLAGS):
         return False
     if item.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION) and not item.is_flag_set(
         ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING
@@ -269,8 +269,8 @@ def assemble(buffer: SliceBuffer, quiet: bool = False) -> AssembledSlice:
         lines.append((a, data, centre))
     n_ky = enc.encoded_matrix[1]
     c_ky = geo.step1_range[2]
-    lengths = [_centred_length(d.shape[1], c) for _, d, c in lines if 0 <= c < d.shape[1]]
-    n_ro, n_x, fov_x = _readout_grid(enc, max(lengths, default=enc.encoded_matrix[0]))
+    lengths = [centred_length(d.shape[1], c) for _, d, c in lines if 0 <= c < d.shape[1]]
+    n_ro, n_x, fov_x = readout_grid(enc, max(lengths, default=enc.encoded_matrix[0]))
     kspace = np.zeros((n_ch.pop(), n_ky, n_ro), dtype=np.complex128)
     counts = np.zeros(n_ky, dtype=np.int64)
     segment = np.full(n_ky, -1, dtype=np.int64)

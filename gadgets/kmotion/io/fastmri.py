@@ -32,7 +32,7 @@ import h5py
 import numpy as np
 import torch
 
-from kmotion.io.base import BaseImages, _check_file
+from kmotion.io.base import BaseImages, check_file
 from kmotion.io.ismrmrd_h5 import crop_readout, parse_encoding
 from kmotion.physics.fft import ifft2c
 from kmotion.physics.validate import InputError
@@ -57,7 +57,7 @@ def load_fastmri_h5(path: str | Path, slices: Sequence[int] | None = None) -> Ba
         ``n_y`` = encoded phase-encoding matrix, ``n_x`` = half the readout samples; grid and FOV as
         described in the module docstring.
     """
-    p = _check_file(path)
+    p = check_file(path)
     src = str(p)
     if not h5py.is_hdf5(p):
         raise InputError(f"{src}: expected an HDF5 (fastMRI .h5) file, got a file that is not HDF5")

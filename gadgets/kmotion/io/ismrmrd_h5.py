@@ -30,15 +30,24 @@ import ismrmrd.xsd
 import numpy as np
 import torch
 
-from kmotion.io.base import BaseImages, _check_file
+from kmotion.io.base import BaseImages, check_file
 from kmotion.physics.fft import ifft2c
 from kmotion.physics.validate import InputError
 
-__all__ = ["HeaderEncoding", "load_ismrmrd_h5", "parse_encoding"]
+__all__ = [
+    "SKIP_FLAGS",
+    "HeaderEncoding",
+    "centred_length",
+    "check_ismrmrd_file",
+    "crop_readout",
+    "load_ismrmrd_h5",
+    "parse_encoding",
+    "readout_grid",
+]
 
 # Acquisitions that are not imaging lines.  ACQ_IS_PARALLEL_CALIBRATION is only skipped when
 # ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING is not also set (calibration lines that are imaging lines).
-_SKIP_FLAGS = (
+SKIP_FLAGS = (
     ismrmrd.ACQ_IS_NOISE_MEASUREMENT,
     ismrmrd.ACQ_IS_NAVIGATION_DATA,
     ismrmrd.ACQ_IS_PHASECORR_DATA,
@@ -130,7 +139,7 @@ def check_ismrmrd_file(path: str | Path, dataset: str = "dataset") -> tuple[str,
     Returns the path as a string, the group's entries and the number of records of each of its datasets;
     raises :class:`InputError` naming the file and the missing part.
     """
-    p = _check_file(path)
+    p = check_file(path)
     src = str(p)
     if not h5py.is_hdf5(p):
         raise InputError(f"{src}: expected an HDF5 (ISMRMRD .h5) file, got a file that is not HDF5")
@@ -181,14 +190,14 @@ def parse_encoding(xml: bytes | str, source: str) -> HeaderEncoding:
     return result
 
 
-def _centred_length(n_kept: int, centre: int) -> int:
+def centred_length(n_kept: int, centre: int) -> int:
     """Smallest row length ``L`` with the centre sample at ``L // 2`` that holds all ``n_kept`` samples."""
     even = 2 * max(centre, n_kept - centre)
     odd = max(2 * centre + 1, 2 * (n_kept - centre) - 1)
     return min(even, odd)
 
 
-def _readout_grid(enc: HeaderEncoding, min_length: int) -> tuple[int, int, float]:
+def readout_grid(enc: HeaderEncoding, min_length: int) -> tuple[int, int, float]:
     """(k-space row length, returned n_x, returned FOV_x) for readouts needing ``min_length`` samples.
 
     The row length is the encoded matrix x times an integer oversampling factor; the pixel spacing of
@@ -249,7 +258,7 @@ def load_ismrmrd_h5(path: str | Path, dataset: str = "dataset") -> BaseImages:
         lines = []
         for i in range(ds.number_of_acquisitions()):
             acq = ds.read_acquisition(i)
-            if any(acq.is_flag_set(flag) for flag in _SKIP_FLAGS):
+            if any(acq.is_flag_set(flag) for flag in SKIP_FLAGS):
                 continue
             if acq.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION) and not acq.is_flag_set(
                 ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING
@@ -269,7 +278,7 @@ def load_ismrmrd_h5(path: str | Path, dataset: str = "dataset") -> BaseImages:
                     f"kept after discard_pre = {pre}, discard_post = {post}, got {acq.center_sample}"
                 )
             lines.append(
-                (key, int(acq.idx.kspace_encode_step_1), data, centre, _centred_length(data.shape[1], centre))
+                (key, int(acq.idx.kspace_encode_step_1), data, centre, centred_length(data.shape[1], centre))
             )
     if not lines:
         raise InputError(f"{src}: '{dataset}/data': expected imaging acquisitions, got none (all skipped)")
@@ -283,7 +292,7 @@ def load_ismrmrd_h5(path: str | Path, dataset: str = "dataset") -> BaseImages:
     n_ch = n_coils.pop()
     n_ky = enc.encoded_matrix[1]
     c_ky = enc.step1_limits[2] if enc.step1_limits is not None else n_ky // 2
-    n_ro, n_x, fov_x = _readout_grid(enc, max(ln[4] for ln in lines))
+    n_ro, n_x, fov_x = readout_grid(enc, max(ln[4] for ln in lines))
     keys = sorted({ln[0] for ln in lines})
     kspace = np.zeros((len(keys), n_ch, n_ky, n_ro), dtype=np.complex128)
     counts = np.zeros((len(keys), n_ky), dtype=np.int64)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import twixtools
 
-from kmotion.io.base import BaseImages, _check_file, looks_like_twix
+from kmotion.io.base import BaseImages, check_file, looks_like_twix
 from kmotion.io.ismrmrd_h5 import crop_readout
 from kmotion.physics.fft import ifft2c
 from kmotion.physics.validate import InputError
@@ -59,7 +59,7 @@ def load_twix(path: str | Path) -> BaseImages:
         ``images`` ``(n_images, n_coils, n_y, n_x)`` complex64, readout oversampling removed;
         grid and FOV as described in the module docstring.
     """
-    p = _check_file(path)
+    p = check_file(path)
     src = str(p)
     if not looks_like_twix(p):
         raise InputError(

@@ -1,0 +1,213 @@
+"""ISMRMRD ``.h5`` writing: the buffered stream writer and kmotion's true-motion records.
+
+:class:`IsmrmrdWriter` (and :func:`write_stream`) store a header and a stream of acquisitions, waveforms and
+images in an ISMRMRD ``.h5`` file, in chunks.  The true rigid motion of simulated data (:class:`TrueMotion`,
+one row per (slice, repetition)) is stored in two places: the HDF5 dataset ``/kmotion/true_motion``
+(:data:`TRUTH_DATASET`, outside the ISMRMRD group; :func:`write_true_motion`, :func:`read_true_motion`) — a
+structured array with fields ``slice, repetition, dx_px, dy_px, phi_deg, dx_mm, dy_mm`` — and the header's
+``userParameterString`` ``kmotion.true_motion`` (:data:`TRUTH_USER_PARAMETER`, the same rows as JSON, so it
+also travels in an MRD stream; :func:`true_motion_from_header`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import h5py
+import ismrmrd
+import ismrmrd.xsd
+import numpy as np
+
+__all__ = [
+    "TRUTH_DATASET",
+    "TRUTH_USER_PARAMETER",
+    "IsmrmrdWriter",
+    "TrueMotion",
+    "read_true_motion",
+    "true_motion_from_header",
+    "write_stream",
+    "write_true_motion",
+]
+
+TRUTH_DATASET = "kmotion/true_motion"
+"""HDF5 path of the true motion (outside the ISMRMRD group) written by :func:`write_true_motion`."""
+TRUTH_USER_PARAMETER = "kmotion.true_motion"
+"""Name of the header's ``userParameterString`` holding the true motion as JSON."""
+
+
+@dataclass(frozen=True)
+class TrueMotion:
+    """The motion of one (slice, repetition) relative to the motion-free reference (repetition 0).
+
+    ``dx_px``/``dy_px`` in pixels of the recon grid, ``phi_deg`` in degrees, ``dx_mm``/``dy_mm`` in mm
+    (``docs/conventions.md``).
+    """
+
+    slice: int
+    repetition: int
+    dx_px: float
+    dy_px: float
+    phi_deg: float
+    dx_mm: float
+    dy_mm: float
+
+
+_TRUTH_DTYPE = np.dtype(
+    [
+        ("slice", "<i4"),
+        ("repetition", "<i4"),
+        ("dx_px", "<f8"),
+        ("dy_px", "<f8"),
+        ("phi_deg", "<f8"),
+        ("dx_mm", "<f8"),
+        ("dy_mm", "<f8"),
+    ]
+)
+
+
+_TRUTH_FLOATS = ("dx_px", "dy_px", "phi_deg", "dx_mm", "dy_mm")
+
+
+def write_stream(
+    path: str | Path,
+    header: ismrmrd.xsd.ismrmrdHeader | str,
+    items: Iterable[object],
+    dataset: str = "dataset",
+) -> None:
+    """Write a header and a stream of acquisitions/waveforms to an ISMRMRD file (other items are ignored)."""
+    with IsmrmrdWriter(path, header, dataset) as w:
+        for item in items:
+            w.append(item)
+
+
+class IsmrmrdWriter:
+    """Buffered writer of an ISMRMRD ``.h5`` stream (same layout as ``ismrmrd.Dataset``, in chunks).
+
+    ``ismrmrd.Dataset.append_acquisition`` resizes the HDF5 dataset once per acquisition; this writer
+    appends ``chunk`` records at a time.  Images are kept and written with ``ismrmrd.Dataset.append_image``
+    when the writer closes.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        header: ismrmrd.xsd.ismrmrdHeader | str,
+        dataset: str = "dataset",
+        chunk: int = 256,
+    ) -> None:
+        from ismrmrd.hdf5 import acquisition_dtype, waveform_dtype
+
+        self.path = Path(path)
+        self.dataset = dataset
+        self.chunk = chunk
+        xml = header if isinstance(header, str) else ismrmrd.xsd.ToXML(header)
+        self._file = h5py.File(self.path, "a")
+        grp = self._file.require_group(dataset)
+        if "xml" in grp:
+            del grp["xml"]
+        grp.create_dataset("xml", shape=(1,), dtype=h5py.special_dtype(vlen=bytes))[0] = xml
+        self._dtypes = {"data": acquisition_dtype, "waveforms": waveform_dtype}
+        self._pending: dict[str, list[dict[str, np.ndarray]]] = {"data": [], "waveforms": []}
+        self._images: list[tuple[str, ismrmrd.Image]] = []
+        self.n_acquisitions = 0
+        self.n_waveforms = 0
+
+    def append(self, item: object) -> None:
+        """Queue an acquisition or a waveform (anything else is ignored)."""
+        from ismrmrd.hdf5 import acquisition_header_dtype, waveform_header_dtype
+
+        if isinstance(item, ismrmrd.Acquisition):
+            head = np.frombuffer(item.getHead(), dtype=acquisition_header_dtype)[0]
+            data = np.ascontiguousarray(item.data, dtype=np.complex64).view(np.float32).reshape(-1)
+            traj = np.ascontiguousarray(item.traj, dtype=np.float32).reshape(-1)
+            self._pending["data"].append({"head": head, "traj": traj, "data": data})
+            self.n_acquisitions += 1
+            if len(self._pending["data"]) >= self.chunk:
+                self._flush("data")
+        elif isinstance(item, ismrmrd.Waveform):
+            head = np.frombuffer(item.getHead(), dtype=waveform_header_dtype)[0]
+            wdata = np.ascontiguousarray(item.data, dtype=np.uint32).reshape(-1)
+            self._pending["waveforms"].append({"head": head, "data": wdata})
+            self.n_waveforms += 1
+            if len(self._pending["waveforms"]) >= self.chunk:
+                self._flush("waveforms")
+
+    def append_image(self, group: str, image: ismrmrd.Image) -> None:
+        """Queue an image for ``/<dataset>/<group>`` (written on close)."""
+        self._images.append((group, image))
+
+    def _flush(self, name: str) -> None:
+        recs = self._pending[name]
+        if not recs:
+            return
+        grp = self._file[self.dataset]
+        if name not in grp:
+            grp.create_dataset(name, (0,), maxshape=(None,), dtype=self._dtypes[name], chunks=(self.chunk,))
+        d = grp[name]
+        n = d.shape[0]
+        d.resize(n + len(recs), axis=0)
+        arr = np.empty(len(recs), dtype=self._dtypes[name])
+        arr["head"] = np.stack([r["head"] for r in recs])
+        for i, r in enumerate(recs):
+            for k in ("data", "traj"):
+                if k in r:
+                    arr[i][k] = r[k]
+        d[n:] = arr
+        self._pending[name] = []
+
+    def close(self) -> None:
+        """Flush everything and close the file."""
+        if self._file.id.valid:
+            self._flush("data")
+            self._flush("waveforms")
+            self._file.close()
+        if self._images:
+            with ismrmrd.Dataset(str(self.path), self.dataset, create_if_needed=True) as ds:
+                for group, image in self._images:
+                    ds.append_image(group, image)
+            self._images = []
+
+    def __enter__(self) -> IsmrmrdWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def write_true_motion(path: str | Path, truth: Sequence[TrueMotion]) -> None:
+    """Store ``truth`` as the structured dataset ``/kmotion/true_motion`` of an HDF5 file (replacing it)."""
+    arr = np.array([tuple(asdict(t).values()) for t in truth], dtype=_TRUTH_DTYPE)
+    with h5py.File(path, "a") as f:
+        if TRUTH_DATASET in f:
+            del f[TRUTH_DATASET]
+        d = f.create_dataset(TRUTH_DATASET, data=arr)
+        d.attrs["description"] = (
+            "true rigid in-plane motion per (slice, repetition) relative to repetition 0: g(r) = "
+            "f(R(phi)^-1 (r - t)); dx/dy in pixels of the recon grid and in mm, phi in degrees "
+            "(kmotion docs/conventions.md)"
+        )
+
+
+def read_true_motion(path: str | Path) -> list[TrueMotion] | None:
+    """The ``/kmotion/true_motion`` rows of an HDF5 file, or None when the file has none."""
+    with h5py.File(path, "r") as f:
+        if TRUTH_DATASET not in f:
+            return None
+        arr = f[TRUTH_DATASET][()]
+    return [
+        TrueMotion(int(a["slice"]), int(a["repetition"]), *(float(a[k]) for k in _TRUTH_FLOATS)) for a in arr
+    ]
+
+
+def true_motion_from_header(header: ismrmrd.xsd.ismrmrdHeader) -> list[TrueMotion] | None:
+    """The true motion stored in the header's ``userParameterString`` ``kmotion.true_motion``, if any."""
+    up = getattr(header, "userParameters", None)
+    if up is None:
+        return None
+    for p in up.userParameterString:
+        if p.name == TRUTH_USER_PARAMETER:
+            return [TrueMotion(**row) for row in json.loads(p.value)]
+    return None
