@@ -28,7 +28,7 @@ from collections.abc import Iterable, Iterator
 import ismrmrd
 import torch
 
-from kmotion.gadget.pipeline import GadgetParams, MotionReport, motion_correct
+from kmotion.gadget import GadgetParams, MotionReport, motion_correct
 from kmotion.simulation.raw import RawConfig, simulate_raw
 
 

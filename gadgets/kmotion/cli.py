@@ -96,7 +96,7 @@ def _stream_demo(args: argparse.Namespace) -> int:
 
 def _run_stream_demo(args: argparse.Namespace) -> int:
     from kmotion.demo import run_stream_demo, run_twix_demo
-    from kmotion.gadget.pipeline import GadgetParams
+    from kmotion.gadget.params import GadgetParams
     from kmotion.simulation.raw import RawConfig
 
     params = GadgetParams(device=args.device)
@@ -290,7 +290,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _run_replay(args: argparse.Namespace) -> int:
-    from kmotion.gadget.pipeline import GadgetParams
+    from kmotion.gadget.params import GadgetParams
     from kmotion.replay import replay
 
     params = GadgetParams(
@@ -364,7 +364,7 @@ def _gadget_options(p: argparse.ArgumentParser) -> None:
 def _gadget_properties(args: argparse.Namespace) -> dict[str, str]:
     from dataclasses import fields
 
-    from kmotion.gadget.pipeline import GadgetParams
+    from kmotion.gadget.params import GadgetParams
     from kmotion.physics.validate import InputError
 
     props: dict[str, str] = {}

@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from kmotion.gadget.pipeline import GadgetParams  # noqa: E402
+from kmotion.gadget.params import GadgetParams  # noqa: E402
 from kmotion.gadget.recon import reconstruct_images  # noqa: E402
 from kmotion.io.base import BaseImages  # noqa: E402
 from kmotion.io.ismrmrd_reader import read_images  # noqa: E402

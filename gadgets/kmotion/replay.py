@@ -36,7 +36,7 @@ import ismrmrd.xsd
 import numpy as np
 from tqdm import tqdm
 
-from kmotion.gadget.pipeline import GadgetParams, MotionReport, motion_correct
+from kmotion.gadget import GadgetParams, MotionReport, motion_correct
 from kmotion.gadget.recon import reconstruct_images
 from kmotion.io.estimates import TRUE_COLUMNS, write_estimates, write_motion_csv
 from kmotion.io.ismrmrd_h5 import parse_encoding

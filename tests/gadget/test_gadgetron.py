@@ -92,9 +92,9 @@ def _same_acquisitions(sent: list[object], got: list[object]) -> None:
 
 def test_chain_xml_is_complete_and_documents_every_property() -> None:
     """Both chains: version 2, readers/writers, the gadget, standard downstream gadgets, every property."""
-    from kmotion.gadget import pipeline
+    from kmotion.gadget.params import GadgetParams
 
-    params = set(pipeline.GadgetParams.__dataclass_fields__)
+    params = set(GadgetParams.__dataclass_fields__)
     doc = (REPO_ROOT / "docs" / "gadget.md").read_text()
     for path in (CHAIN, CHAIN_CONNECT):
         root = ET.parse(path).getroot()

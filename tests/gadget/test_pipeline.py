@@ -14,7 +14,7 @@ import torch
 
 from kmotion.estimation.network import Estimate
 from kmotion.gadget import GadgetParams, MotionCorrector, MotionReport, reconstruct_images
-from kmotion.gadget.pipeline import DEFAULT_MODEL
+from kmotion.gadget.params import DEFAULT_MODEL
 from kmotion.physics import InputError, apply_motion_kspace
 
 pytestmark = pytest.mark.skipif(not DEFAULT_MODEL.exists(), reason="no shipped model in this checkout")

@@ -16,8 +16,8 @@ from _helpers import REPO_ROOT
 from fake_gadgetron import echo_factory, simulated_stream
 from ismrmrd.serialization import ConfigFile, ConfigText, ProtocolDeserializer, ProtocolSerializer
 
+from kmotion.gadget.buffer import is_imaging
 from kmotion.gadget.mrd_stream import Limits, kmotion_pipeline, properties_from_config_text, run_stream
-from kmotion.gadget.stages import is_imaging
 
 CHAIN = REPO_ROOT / "config_xml" / "kmotion_cartesian_grappa.xml"
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from kmotion.gadget.stages import SliceBuffer, SliceGeometry, assemble, buffer_slices
+from kmotion.gadget import SliceBuffer, SliceGeometry, assemble, buffer_slices
 from kmotion.io.ismrmrd_h5 import load_ismrmrd_h5, parse_encoding
 from kmotion.io.ismrmrd_writer import read_true_motion, true_motion_from_header
 from kmotion.physics.fft import fft2c, ifft2c

@@ -530,7 +530,7 @@ def kmotion_pipeline(properties: Mapping[str, str]) -> Pipeline:
 
     Bad properties raise :class:`InputError` here, before any data is read.
     """
-    from kmotion.gadget.pipeline import GadgetParams, motion_correct
+    from kmotion.gadget import GadgetParams, motion_correct
 
     params = GadgetParams.from_properties(dict(properties))
 

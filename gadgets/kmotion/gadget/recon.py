@@ -1,6 +1,6 @@
 """Images from an acquisition stream: the one reconstruction used for images "before" and "after" correction.
 
-:func:`reconstruct_images` groups imaging lines into slices (:func:`~kmotion.gadget.stages.buffer_slices`),
+:func:`reconstruct_images` groups imaging lines into slices (:func:`~kmotion.gadget.buffer.buffer_slices`),
 and reconstructs each with :func:`reconstruct_slice`: SENSE (CG, no motion) with coil maps from the
 calibration data of the first slice of its (slice, contrast, set) — ACS lines flagged
 ``ACQ_IS_PARALLEL_CALIBRATION`` or the fully sampled centre of that slice — or, without calibration data,
@@ -19,8 +19,11 @@ import ismrmrd.xsd
 import numpy as np
 import torch
 
-from kmotion.gadget.pipeline import SENSE_LAMBDA, CalibrationStore, MotionReport, coil_maps_for
-from kmotion.gadget.stages import AssembledSlice, SliceBuffer, SliceGeometry, assemble, buffer_slices
+from kmotion.gadget.assemble import AssembledSlice, assemble
+from kmotion.gadget.buffer import SliceBuffer, SliceGeometry, buffer_slices
+from kmotion.gadget.calibration import CalibrationStore, coil_maps_for
+from kmotion.gadget.correct import SENSE_LAMBDA
+from kmotion.gadget.report import MotionReport
 from kmotion.physics.fft import ifft2c
 from kmotion.physics.sense import sense_reconstruct
 
@@ -95,7 +98,7 @@ def reconstruct_images(
     """One ``ismrmrd.Image`` (float32 magnitude) per slice group of ``items``.
 
     Acquisitions are consumed (calibration lines feed the coil maps; noise and other non-imaging lines are
-    dropped), waveforms dropped, :class:`~kmotion.gadget.pipeline.MotionReport` objects and anything else
+    dropped), waveforms dropped, :class:`~kmotion.gadget.report.MotionReport` objects and anything else
     passed through.  Image headers: ``image_series_index`` = ``series_index``, ``image_index`` counting from
     1, counters (slice, contrast, repetition, set, ...), position, directions, table position and time
     stamps of the slice's first acquisition, ``field_of_view`` (x, y, z) mm, ``matrix_size`` (n_x, n_y, 1).

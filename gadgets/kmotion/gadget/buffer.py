@@ -1,6 +1,7 @@
-"""First stages of the streaming gadget: :func:`buffer_slices` and :func:`assemble`.
+"""Stage 1 of the streaming gadget: echo trains -> slice groups (:func:`buffer_slices`), and their batches.
 
-Each stage is a plain function over Python objects and knows nothing of sockets.
+Each stage is a plain function over Python objects and knows nothing of sockets.  :func:`batch_slices`
+groups the completed slices that the estimator runs on together (``docs/gadget.md``, Batching).
 
 Ownership of acquisitions
 -------------------------
@@ -34,21 +35,19 @@ from typing import NamedTuple
 
 import ismrmrd
 import ismrmrd.xsd
-import numpy as np
-import torch
 
-from kmotion.io.ismrmrd_h5 import (
-    SKIP_FLAGS,
-    HeaderEncoding,
-    centred_length,
-    crop_readout,
-    parse_encoding,
-    readout_grid,
-)
-from kmotion.physics.fft import fft1c, ifft1c
+from kmotion.io.ismrmrd_h5 import SKIP_FLAGS, HeaderEncoding, parse_encoding
 from kmotion.physics.validate import InputError
 
-__all__ = ["AssembledSlice", "SliceBuffer", "SliceGeometry", "SliceKey", "assemble", "buffer_slices"]
+__all__ = [
+    "SliceBatch",
+    "SliceBuffer",
+    "SliceGeometry",
+    "SliceKey",
+    "batch_slices",
+    "buffer_slices",
+    "is_imaging",
+]
 
 log = logging.getLogger("kmotion.gadget")
 
@@ -111,35 +110,6 @@ class SliceBuffer:
     geometry: SliceGeometry
     complete: bool = True
     expected_ky: frozenset[int] = field(default_factory=frozenset)
-
-
-@dataclass
-class AssembledSlice:
-    """One slice on the centred grid of ``docs/conventions.md``.
-
-    ``kspace`` ``(n_coils, n_ky, n_kx)`` complex64 (readout oversampling removed), ``mask`` ``(n_ky,)`` of
-    acquired rows, ``segment`` ``(n_ky,)`` the echo-train segment of each row (-1: not acquired; the last
-    arrival for averaged rows), ``acceleration`` and ``parity`` measured from the mask (acquired rows have
-    ``(row - n_ky // 2) % acceleration == parity``), ``fov_mm``, ``pixel_spacing_mm`` and ``matrix`` in
-    (y, x) order, geometry of the first acquisition.  ``correctable`` is False with a ``reason`` when the
-    slice cannot be motion corrected soundly (partial Fourier, asymmetric echo, NaN, incomplete, ...).
-    """
-
-    key: SliceKey
-    kspace: np.ndarray
-    mask: np.ndarray
-    segment: np.ndarray
-    acceleration: int
-    parity: int
-    fov_mm: tuple[float, float]
-    pixel_spacing_mm: tuple[float, float]
-    matrix: tuple[int, int]
-    read_dir: tuple[float, float, float]
-    phase_dir: tuple[float, float, float]
-    slice_dir: tuple[float, float, float]
-    position: tuple[float, float, float]
-    correctable: bool = True
-    reason: str = ""
 
 
 def is_imaging(item: object) -> bool:
@@ -220,121 +190,77 @@ def buffer_slices(items: Iterable[object], header: ismrmrd.xsd.ismrmrdHeader) ->
         yield SliceBuffer(key, grp.acqs, geo, False, grp.expected or frozenset())
 
 
-def _vec3(v: Iterable[float]) -> tuple[float, float, float]:
-    x, y, z = (float(a) for a in v)
-    return x, y, z
+@dataclass
+class SliceBatch:
+    """Completed slice groups to be estimated and corrected together (yielded by :func:`batch_slices`)."""
+
+    buffers: list[SliceBuffer]
 
 
-def _measure_pattern(rows: np.ndarray, n_ky: int) -> tuple[int, int]:
-    """(acceleration, parity) of acquired ``rows``: the commonest row step and residue about the centre."""
-    if rows.size < 2:
-        return 1, 0
-    steps, counts = np.unique(np.diff(rows), return_counts=True)
-    accel = int(steps[np.argmax(counts)])
-    res, rc = np.unique((rows - n_ky // 2) % accel, return_counts=True)
-    return accel, int(res[np.argmax(rc)])
+class _Tick:
+    """Marker fed after every input item: it passes through ``buffer_slices`` untouched."""
 
 
-def assemble(buffer: SliceBuffer, quiet: bool = False) -> AssembledSlice:
-    """Place the lines of ``buffer`` on the centred k-space grid.
+_TICK = _Tick()
 
-    Rows: ``row = ky - center + n_ky // 2`` (``center`` from ``encodingLimits.kspace_encoding_step_1``);
-    columns: after ``discard_pre``/``discard_post`` the ``center_sample`` (0 = unset: middle) goes to
-    ``n_ro // 2``.  Readout oversampling (row length a multiple of the encoded x) is cropped in the image
-    domain as :mod:`kmotion.io.ismrmrd_h5` does.  Repeated lines are averaged.  Problems that make motion
-    correction unsound set ``correctable=False`` with a ``reason`` rather than raising.
 
-    Raises
-    ------
-    InputError
-        For an empty buffer or acquisitions with different channel counts.
+class _Source:
+    """The input items, each followed by :data:`_TICK`; an exception of the source ends the stream and is
+    kept in ``error`` (so the held slices are still emitted before it is re-raised)."""
+
+    def __init__(self, items: Iterable[object]) -> None:
+        self.items = items
+        self.error: BaseException | None = None
+
+    def __iter__(self) -> Iterator[object]:
+        try:
+            for item in self.items:
+                yield item
+                yield _TICK
+        except Exception as exc:
+            self.error = exc
+
+
+def batch_slices(
+    items: Iterable[object], header: ismrmrd.xsd.ismrmrdHeader, batch_size: int
+) -> Iterator[object]:
+    """:func:`buffer_slices` with the completed slices gathered into :class:`SliceBatch` objects.
+
+    Completed slices wait while the following input items each complete another slice (up to
+    ``batch_size``); any other item (a line that completes nothing, a pass-through item, the end of the
+    stream) flushes them first, so no slice waits for more than the next input item.  Pass-through items
+    are yielded unchanged, in order, after the batch they flushed.
+
+    An exception raised by ``items`` itself ends the stream: the slices held so far (incomplete ones
+    included) are yielded first, then the exception is logged and re-raised.
     """
-    acqs = buffer.acquisitions
-    geo = buffer.geometry
-    enc = geo.encoding
-    if not acqs:
-        raise InputError(f"slice {tuple(buffer.key)}: expected at least one acquisition, got none")
-    n_ch = {int(a.active_channels) for a in acqs}
-    if len(n_ch) != 1:
-        raise InputError(f"slice {tuple(buffer.key)}: expected one channel count, got {sorted(n_ch)}")
-    reasons: list[str] = []
-    if not buffer.complete:
-        reasons.append("incomplete slice (end of stream before all lines arrived)")
-
-    lines = []
-    for a in acqs:
-        n_s, pre, post = int(a.number_of_samples), int(a.discard_pre), int(a.discard_post)
-        data = np.array(a.data[:, pre : n_s - post], dtype=np.complex64)
-        centre = (int(a.center_sample) or n_s // 2) - pre
-        lines.append((a, data, centre))
-    n_ky = enc.encoded_matrix[1]
-    c_ky = geo.step1_range[2]
-    lengths = [centred_length(d.shape[1], c) for _, d, c in lines if 0 <= c < d.shape[1]]
-    n_ro, n_x, fov_x = readout_grid(enc, max(lengths, default=enc.encoded_matrix[0]))
-    kspace = np.zeros((n_ch.pop(), n_ky, n_ro), dtype=np.complex128)
-    counts = np.zeros(n_ky, dtype=np.int64)
-    segment = np.full(n_ky, -1, dtype=np.int64)
-    n_nonfinite = 0
-    asymmetric = False
-    for a, data, centre in lines:
-        ky = int(a.idx.kspace_encode_step_1)
-        row = ky - c_ky + n_ky // 2
-        col = n_ro // 2 - centre
-        if not 0 <= row < n_ky or not 0 <= centre < data.shape[1] or col + data.shape[1] > n_ro:
-            reasons.append(f"line ky={ky} (center_sample {a.center_sample}) outside the grid: dropped")
+    pending: list[SliceBuffer] = []
+    produced = False
+    source = _Source(items)
+    for out in buffer_slices(source, header):
+        if out is _TICK:
+            if not produced and pending:
+                yield SliceBatch(pending)
+                pending = []
+            produced = False
             continue
-        if col > 0 or col + data.shape[1] < n_ro:
-            asymmetric = True
-        bad = ~np.isfinite(data)
-        if bad.any():
-            n_nonfinite += int(bad.sum())
-            data = np.where(bad, 0, data)
-        kspace[:, row, col : col + data.shape[1]] += data
-        counts[row] += 1
-        segment[row] = int(a.idx.segment)
-    kspace /= np.maximum(counts, 1)[None, :, None]
-    if n_nonfinite:
-        reasons.append(f"{n_nonfinite} NaN/Inf samples (set to zero)")
-    if asymmetric:
-        reasons.append("asymmetric echo (readout zero filled): partial Fourier along x")
-
-    mask = counts > 0
-    rows = np.flatnonzero(mask)
-    accel, parity = _measure_pattern(rows, n_ky)
-    if rows.size:
-        below, above = n_ky // 2 - int(rows[0]), int(rows[-1]) - n_ky // 2
-        if abs(below - above) > max(accel, geo.acceleration):
-            reasons.append(
-                f"partial Fourier along y (acquired rows {int(rows[0])}..{int(rows[-1])} about centre "
-                f"row {n_ky // 2})"
-            )
-        pattern = np.arange(int(rows[0]), int(rows[-1]) + 1)
-        pattern = pattern[(pattern - n_ky // 2) % accel == parity]
-        n_missing = int((~mask[pattern]).sum())
-        if n_missing:
-            reasons.append(f"{n_missing} lines missing from the {accel}-fold pattern")
-
-    ks = torch.from_numpy(kspace.astype(np.complex64))
-    if n_ro != n_x:
-        ks = fft1c(crop_readout(ifft1c(ks, dim=-1), n_x), dim=-1)
-    fov_y = enc.encoded_fov_mm[1]
-    first = acqs[0]
-    if reasons and not quiet:
-        log.info("slice %s not correctable: %s", tuple(buffer.key), "; ".join(reasons))
-    return AssembledSlice(
-        key=buffer.key,
-        kspace=ks.numpy().astype(np.complex64, copy=False),
-        mask=mask,
-        segment=segment,
-        acceleration=accel,
-        parity=parity,
-        fov_mm=(fov_y, fov_x),
-        pixel_spacing_mm=(fov_y / n_ky, fov_x / n_x),
-        matrix=(n_ky, n_x),
-        read_dir=_vec3(first.read_dir),
-        phase_dir=_vec3(first.phase_dir),
-        slice_dir=_vec3(first.slice_dir),
-        position=_vec3(first.position),
-        correctable=not reasons,
-        reason="; ".join(reasons),
-    )
+        produced = True
+        if isinstance(out, SliceBuffer):
+            pending.append(out)
+            if len(pending) >= batch_size:
+                yield SliceBatch(pending)
+                pending = []
+            continue
+        if pending:
+            yield SliceBatch(pending)
+            pending = []
+        yield out
+    if pending:
+        yield SliceBatch(pending)
+    if source.error is not None:
+        log.warning(
+            "input stream failed (%s: %s): everything received was emitted, then the error is re-raised",
+            type(source.error).__name__,
+            source.error,
+        )
+        raise source.error

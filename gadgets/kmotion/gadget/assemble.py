@@ -1,0 +1,224 @@
+"""Stage 2 of the streaming gadget: :func:`assemble` places a slice group's lines on the centred k-space grid.
+
+:func:`line_layout` and :func:`upsample_readout` invert that placement: the correction stage writes its
+result back onto each raw line's own samples with them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import ismrmrd
+import numpy as np
+import torch
+
+from kmotion.gadget.buffer import SliceBuffer, SliceKey
+from kmotion.io.ismrmrd_h5 import centred_length, crop_readout, readout_grid
+from kmotion.physics.fft import fft1c, ifft1c
+from kmotion.physics.validate import InputError
+
+__all__ = ["AssembledSlice", "LinePlace", "assemble", "line_layout", "upsample_readout"]
+
+log = logging.getLogger("kmotion.gadget")
+
+
+@dataclass
+class AssembledSlice:
+    """One slice on the centred grid of ``docs/conventions.md``.
+
+    ``kspace`` ``(n_coils, n_ky, n_kx)`` complex64 (readout oversampling removed), ``mask`` ``(n_ky,)`` of
+    acquired rows, ``segment`` ``(n_ky,)`` the echo-train segment of each row (-1: not acquired; the last
+    arrival for averaged rows), ``acceleration`` and ``parity`` measured from the mask (acquired rows have
+    ``(row - n_ky // 2) % acceleration == parity``), ``fov_mm``, ``pixel_spacing_mm`` and ``matrix`` in
+    (y, x) order, geometry of the first acquisition.  ``correctable`` is False with a ``reason`` when the
+    slice cannot be motion corrected soundly (partial Fourier, asymmetric echo, NaN, incomplete, ...).
+    """
+
+    key: SliceKey
+    kspace: np.ndarray
+    mask: np.ndarray
+    segment: np.ndarray
+    acceleration: int
+    parity: int
+    fov_mm: tuple[float, float]
+    pixel_spacing_mm: tuple[float, float]
+    matrix: tuple[int, int]
+    read_dir: tuple[float, float, float]
+    phase_dir: tuple[float, float, float]
+    slice_dir: tuple[float, float, float]
+    position: tuple[float, float, float]
+    correctable: bool = True
+    reason: str = ""
+
+
+def _vec3(v: Iterable[float]) -> tuple[float, float, float]:
+    x, y, z = (float(a) for a in v)
+    return x, y, z
+
+
+def _measure_pattern(rows: np.ndarray, n_ky: int) -> tuple[int, int]:
+    """(acceleration, parity) of acquired ``rows``: the commonest row step and residue about the centre."""
+    if rows.size < 2:
+        return 1, 0
+    steps, counts = np.unique(np.diff(rows), return_counts=True)
+    accel = int(steps[np.argmax(counts)])
+    res, rc = np.unique((rows - n_ky // 2) % accel, return_counts=True)
+    return accel, int(res[np.argmax(rc)])
+
+
+def assemble(buffer: SliceBuffer, quiet: bool = False) -> AssembledSlice:
+    """Place the lines of ``buffer`` on the centred k-space grid.
+
+    Rows: ``row = ky - center + n_ky // 2`` (``center`` from ``encodingLimits.kspace_encoding_step_1``);
+    columns: after ``discard_pre``/``discard_post`` the ``center_sample`` (0 = unset: middle) goes to
+    ``n_ro // 2``.  Readout oversampling (row length a multiple of the encoded x) is cropped in the image
+    domain as :mod:`kmotion.io.ismrmrd_h5` does.  Repeated lines are averaged.  Problems that make motion
+    correction unsound set ``correctable=False`` with a ``reason`` rather than raising.
+
+    Raises
+    ------
+    InputError
+        For an empty buffer or acquisitions with different channel counts.
+    """
+    acqs = buffer.acquisitions
+    geo = buffer.geometry
+    enc = geo.encoding
+    if not acqs:
+        raise InputError(f"slice {tuple(buffer.key)}: expected at least one acquisition, got none")
+    n_ch = {int(a.active_channels) for a in acqs}
+    if len(n_ch) != 1:
+        raise InputError(f"slice {tuple(buffer.key)}: expected one channel count, got {sorted(n_ch)}")
+    reasons: list[str] = []
+    if not buffer.complete:
+        reasons.append("incomplete slice (end of stream before all lines arrived)")
+
+    lines = []
+    for a in acqs:
+        n_s, pre, post = int(a.number_of_samples), int(a.discard_pre), int(a.discard_post)
+        data = np.array(a.data[:, pre : n_s - post], dtype=np.complex64)
+        centre = (int(a.center_sample) or n_s // 2) - pre
+        lines.append((a, data, centre))
+    n_ky = enc.encoded_matrix[1]
+    c_ky = geo.step1_range[2]
+    lengths = [centred_length(d.shape[1], c) for _, d, c in lines if 0 <= c < d.shape[1]]
+    n_ro, n_x, fov_x = readout_grid(enc, max(lengths, default=enc.encoded_matrix[0]))
+    kspace = np.zeros((n_ch.pop(), n_ky, n_ro), dtype=np.complex128)
+    counts = np.zeros(n_ky, dtype=np.int64)
+    segment = np.full(n_ky, -1, dtype=np.int64)
+    n_nonfinite = 0
+    asymmetric = False
+    for a, data, centre in lines:
+        ky = int(a.idx.kspace_encode_step_1)
+        row = ky - c_ky + n_ky // 2
+        col = n_ro // 2 - centre
+        if not 0 <= row < n_ky or not 0 <= centre < data.shape[1] or col + data.shape[1] > n_ro:
+            reasons.append(f"line ky={ky} (center_sample {a.center_sample}) outside the grid: dropped")
+            continue
+        if col > 0 or col + data.shape[1] < n_ro:
+            asymmetric = True
+        bad = ~np.isfinite(data)
+        if bad.any():
+            n_nonfinite += int(bad.sum())
+            data = np.where(bad, 0, data)
+        kspace[:, row, col : col + data.shape[1]] += data
+        counts[row] += 1
+        segment[row] = int(a.idx.segment)
+    kspace /= np.maximum(counts, 1)[None, :, None]
+    if n_nonfinite:
+        reasons.append(f"{n_nonfinite} NaN/Inf samples (set to zero)")
+    if asymmetric:
+        reasons.append("asymmetric echo (readout zero filled): partial Fourier along x")
+
+    mask = counts > 0
+    rows = np.flatnonzero(mask)
+    accel, parity = _measure_pattern(rows, n_ky)
+    if rows.size:
+        below, above = n_ky // 2 - int(rows[0]), int(rows[-1]) - n_ky // 2
+        if abs(below - above) > max(accel, geo.acceleration):
+            reasons.append(
+                f"partial Fourier along y (acquired rows {int(rows[0])}..{int(rows[-1])} about centre "
+                f"row {n_ky // 2})"
+            )
+        pattern = np.arange(int(rows[0]), int(rows[-1]) + 1)
+        pattern = pattern[(pattern - n_ky // 2) % accel == parity]
+        n_missing = int((~mask[pattern]).sum())
+        if n_missing:
+            reasons.append(f"{n_missing} lines missing from the {accel}-fold pattern")
+
+    ks = torch.from_numpy(kspace.astype(np.complex64))
+    if n_ro != n_x:
+        ks = fft1c(crop_readout(ifft1c(ks, dim=-1), n_x), dim=-1)
+    fov_y = enc.encoded_fov_mm[1]
+    first = acqs[0]
+    if reasons and not quiet:
+        log.info("slice %s not correctable: %s", tuple(buffer.key), "; ".join(reasons))
+    return AssembledSlice(
+        key=buffer.key,
+        kspace=ks.numpy().astype(np.complex64, copy=False),
+        mask=mask,
+        segment=segment,
+        acceleration=accel,
+        parity=parity,
+        fov_mm=(fov_y, fov_x),
+        pixel_spacing_mm=(fov_y / n_ky, fov_x / n_x),
+        matrix=(n_ky, n_x),
+        read_dir=_vec3(first.read_dir),
+        phase_dir=_vec3(first.phase_dir),
+        slice_dir=_vec3(first.slice_dir),
+        position=_vec3(first.position),
+        correctable=not reasons,
+        reason="; ".join(reasons),
+    )
+
+
+# write-back helpers (inverse of the placement in ``assemble``)
+
+
+@dataclass
+class LinePlace:
+    """Where one raw line's samples sit on the grid of :func:`assemble` (see :func:`line_layout`)."""
+
+    acq: ismrmrd.Acquisition
+    row: int
+    col: int  # grid column (readout grid of n_ro samples) of sample ``pre``
+    pre: int
+    n: int  # samples kept (after discard_pre / discard_post)
+    centre: int  # centre sample index in the raw line (center_sample, 0 -> n_samples // 2)
+
+
+def line_layout(buffer: SliceBuffer) -> tuple[int, int, list[LinePlace]]:
+    """Readout grid length ``n_ro``, returned ``n_x`` and each line's place, exactly as ``assemble``."""
+    geo = buffer.geometry
+    enc = geo.encoding
+    n_ky = enc.encoded_matrix[1]
+    c_ky = geo.step1_range[2]
+    lines = []
+    lengths = []
+    for a in buffer.acquisitions:
+        n_s, pre, post = int(a.number_of_samples), int(a.discard_pre), int(a.discard_post)
+        n = n_s - post - pre
+        raw_centre = int(a.center_sample) or n_s // 2
+        centre = raw_centre - pre
+        if 0 <= centre < n:
+            lengths.append(centred_length(n, centre))
+        lines.append((a, n_s, pre, n, centre, raw_centre))
+    n_ro, n_x, _ = readout_grid(enc, max(lengths, default=enc.encoded_matrix[0]))
+    out = []
+    for a, _n_s, pre, n, centre, raw_centre in lines:
+        row = int(a.idx.kspace_encode_step_1) - c_ky + n_ky // 2
+        out.append(LinePlace(a, row, n_ro // 2 - centre, pre, n, raw_centre))
+    return n_ro, n_x, out
+
+
+def upsample_readout(k: np.ndarray, n_ro: int) -> np.ndarray:
+    """Inverse of the readout crop of ``assemble``: zero-pad the image along x from ``n_x`` to ``n_ro``."""
+    n_x = k.shape[-1]
+    if n_ro == n_x:
+        return k
+    img = ifft1c(torch.from_numpy(k), -1)
+    pad = torch.zeros((*img.shape[:-1], n_ro), dtype=img.dtype)
+    start = n_ro // 2 - n_x // 2
+    pad[..., start : start + n_x] = img
+    return fft1c(pad, -1).numpy()

@@ -1,0 +1,172 @@
+"""Stage 5 of the streaming gadget: correct each estimated slice on its own acquired lines.
+
+``cartesian`` output (default): SENSE with the motion in the forward model, one batched solve per grid
+(:func:`correct_sense`), the difference written back onto the raw lines (:func:`add_delta`); ``trajectory``
+output, and the fallback without coil maps: the exact inverse translation ramp on every line
+(:func:`ramp_lines`) with, for ``trajectory``, the rotated k-space positions (:func:`rotated_traj`).
+:func:`write_back` puts the new data into the acquisitions.  See ``docs/gadget.md`` (Correction).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import ismrmrd
+import numpy as np
+import torch
+
+from kmotion.gadget.assemble import line_layout, upsample_readout
+from kmotion.gadget.buffer import SliceBuffer
+from kmotion.gadget.calibration import CalibrationStore, coil_maps_for
+from kmotion.gadget.params import GadgetParams
+from kmotion.gadget.reference import SliceWork
+from kmotion.physics.sense import MotionSense, sense_reconstruct
+
+__all__ = [
+    "SENSE_LAMBDA",
+    "add_delta",
+    "correct_by_ramp",
+    "correct_sense",
+    "correct_slices",
+    "mark_failed",
+    "ramp_lines",
+    "rotated_traj",
+    "write_back",
+]
+
+log = logging.getLogger("kmotion.gadget")
+
+SENSE_LAMBDA = 1e-2
+"""Tikhonov weight of the cartesian correction and of :func:`~kmotion.gadget.recon.reconstruct_slice`
+(absolute; maps have unit RSS, see ``physics/sense.py``).  1e-2 rather than 1e-3: with 20 CG iterations it
+stops the fit of coil-map errors (semi-convergence), halving the correction error (``docs/gadget.md``)."""
+
+
+def correct_slices(
+    work: list[SliceWork], params: GadgetParams, calibration: CalibrationStore, device: torch.device
+) -> None:
+    """Correct the estimated slices of ``work`` (reports with ``corrected``): the ramp where that is all,
+    else one batched SENSE solve per grid shape; a failure marks only the slices it concerns."""
+    sense: dict[tuple[object, ...], list[SliceWork]] = {}
+    for w in work:
+        try:
+            if correct_by_ramp(w, params.output, calibration, device):
+                assert w.assembled is not None
+                a = w.assembled
+                sense.setdefault((a.kspace.shape, a.pixel_spacing_mm), []).append(w)
+        except Exception as exc:
+            mark_failed([w], exc)
+    for group in sense.values():  # one batched SENSE solve per grid shape
+        try:
+            correct_sense(group, device, params.sense_iterations)
+        except Exception as exc:
+            mark_failed(group, exc)
+
+
+def correct_by_ramp(w: SliceWork, output: str, calibration: CalibrationStore, device: torch.device) -> bool:
+    """Correct one slice by the ramp (trajectory mode, translation-only fallback); True: needs SENSE."""
+    assert w.report is not None and w.assembled is not None and w.reference is not None
+    rep, a = w.report, w.assembled
+    n_ky = a.kspace.shape[1]
+    if output == "trajectory":
+        lines = ramp_lines(w.buffer, n_ky, rep.dx_px, rep.dy_px)
+        w.new_data = [(acq, data) for acq, data, _, _ in lines]
+        w.traj = [rotated_traj(kx, ky, rep.rot_deg, a.fov_mm) for _, _, kx, ky in lines]
+        return False
+    ref = w.reference
+    if ref.maps is None:
+        ref.maps = coil_maps_for(ref.slice, calibration, device)
+    if isinstance(ref.maps, str):
+        lines = ramp_lines(w.buffer, n_ky, rep.dx_px, rep.dy_px)
+        w.new_data = [(acq, data) for acq, data, _, _ in lines]
+        rep.reason = f"translation only: {ref.maps}" + (f"; {rep.reason}" if rep.reason else "")
+        log.warning("slice %s: rotation not corrected, %s", tuple(a.key), ref.maps)
+        return False
+    return True
+
+
+def correct_sense(work: list[SliceWork], device: torch.device, iterations: int) -> None:
+    """SENSE with the motion in the model for slices on one grid, batched; new data on the same lines."""
+    slices = [w.assembled for w in work]
+    maps_list = [w.reference.maps for w in work if w.reference is not None]
+    assert all(a is not None for a in slices) and all(isinstance(m, torch.Tensor) for m in maps_list)
+    maps = torch.stack([m.to(device) for m in maps_list if isinstance(m, torch.Tensor)])
+    y = torch.stack([torch.from_numpy(a.kspace) for a in slices if a is not None]).to(device)
+    mask = torch.stack([torch.from_numpy(a.mask) for a in slices if a is not None]).to(device)
+    motion = torch.tensor(
+        [[w.report.dx_px, w.report.dy_px, w.report.rot_deg] for w in work if w.report is not None],
+        dtype=torch.float64,
+    )
+    spacing = slices[0].pixel_spacing_mm if slices[0] is not None else (1.0, 1.0)
+    x = sense_reconstruct(y, mask, maps, motion.to(device), spacing, iterations, SENSE_LAMBDA)
+    y_corr = MotionSense(maps, mask).forward(x)
+    delta = ((y_corr - y) * mask[:, None, :, None]).cpu().numpy()
+    if not np.isfinite(delta).all():
+        raise ValueError("non-finite values in the SENSE correction")
+    for w, d in zip(work, delta, strict=True):
+        w.new_data = add_delta(w.buffer, d)
+
+
+def mark_failed(work: list[SliceWork], exc: Exception) -> None:
+    """Mark the slices of ``work`` as not corrected because the correction raised ``exc`` (data untouched)."""
+    for w in work:
+        log.warning("correction of %s failed: %s: %s", tuple(w.buffer.key), type(exc).__name__, exc)
+        assert w.report is not None
+        w.report.corrected = False
+        w.report.reason = f"correction failed: {type(exc).__name__}: {exc}"
+        w.new_data = w.traj = None
+
+
+def write_back(w: SliceWork) -> None:
+    """Put the new data (and, in ``trajectory`` mode, the positions) of ``w`` into its acquisitions."""
+    if w.new_data is None:
+        return
+    for i, (acq, data) in enumerate(w.new_data):
+        if w.traj is not None:
+            acq.resize(int(acq.number_of_samples), int(acq.active_channels), 2)
+            acq.traj[:] = w.traj[i]
+        acq.data[:] = data
+
+
+def ramp_lines(
+    buffer: SliceBuffer, n_ky: int, dx_px: float, dy_px: float
+) -> list[tuple[ismrmrd.Acquisition, np.ndarray, np.ndarray, np.ndarray]]:
+    """Each line with the exact inverse translation ramp applied, and its k positions in cycles/FOV.
+
+    Returns ``(acq, new_data, kx, ky)``: ``kx`` per sample in cycles per FOV_x of the assembled grid
+    (fractional steps ``n_x / n_ro`` for an oversampled readout), ``ky`` (scalar array) in cycles per FOV_y.
+    """
+    n_ro, n_x, lines = line_layout(buffer)
+    out = []
+    for ln in lines:
+        n_s = int(ln.acq.number_of_samples)
+        kx = (np.arange(n_s) - ln.centre) * (n_x / n_ro)
+        ky = np.array(float(ln.row - n_ky // 2))
+        phase = 2 * np.pi * (kx * dx_px / n_x + ky * dy_px / n_ky)
+        data = np.array(ln.acq.data, dtype=np.complex64) * np.exp(1j * phase).astype(np.complex64)
+        out.append((ln.acq, data, kx, ky))
+    return out
+
+
+def rotated_traj(kx: np.ndarray, ky: np.ndarray, phi_deg: float, fov_mm: tuple[float, float]) -> np.ndarray:
+    """``(n_samples, 2)`` float32 positions ``R(phi)^-1 k`` in cycles/FOV (x, y), rotation physical in mm."""
+    fov_y, fov_x = fov_mm
+    c, s = math.cos(math.radians(phi_deg)), math.sin(math.radians(phi_deg))
+    kx_mm, ky_mm = kx / fov_x, np.broadcast_to(ky, kx.shape) / fov_y
+    rx = c * kx_mm + s * ky_mm
+    ry = -s * kx_mm + c * ky_mm
+    return np.stack([rx * fov_x, ry * fov_y], axis=-1).astype(np.float32)
+
+
+def add_delta(buffer: SliceBuffer, delta: np.ndarray) -> list[tuple[ismrmrd.Acquisition, np.ndarray]]:
+    """New data of every line: raw line + ``delta`` (assembled grid) placed back on its samples."""
+    n_ro, _, lines = line_layout(buffer)
+    d = upsample_readout(delta.astype(np.complex64), n_ro)
+    out = []
+    for ln in lines:
+        data = np.array(ln.acq.data, dtype=np.complex64, copy=True)
+        if 0 <= ln.row < d.shape[1] and ln.col >= 0 and ln.col + ln.n <= n_ro:
+            data[:, ln.pre : ln.pre + ln.n] += d[:, ln.row, ln.col : ln.col + ln.n]
+        out.append((ln.acq, data))
+    return out

@@ -1,0 +1,77 @@
+"""What the gadget says about each slice group: :class:`MotionReport` (yielded before the slice's lines)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from kmotion.gadget.buffer import SliceKey
+
+__all__ = ["MotionReport", "blank_report"]
+
+
+@dataclass
+class MotionReport:
+    """The estimate of one slice group relative to its reference repetition.
+
+    ``dx_px``/``dy_px`` in pixels of the data's encoded grid (x = readout, y = phase encode), ``rot_deg`` in
+    degrees (positive: from +x towards +y, see ``docs/conventions.md``), ``dx_mm``/``dy_mm`` in mm,
+    ``patient_mm`` the translation ``dx_mm * read_dir + dy_mm * phase_dir`` in the patient frame.  NaN where
+    nothing was estimated.
+    """
+
+    key: SliceKey
+    reference_repetition: int
+    dx_px: float
+    dy_px: float
+    rot_deg: float
+    dx_mm: float
+    dy_mm: float
+    patient_mm: tuple[float, float, float]
+    flagged: bool
+    corrected: bool
+    reason: str
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-able dict (NaN becomes None)."""
+
+        def num(v: float) -> float | None:
+            return float(v) if math.isfinite(v) else None
+
+        return {
+            "slice": int(self.key.slice),
+            "contrast": int(self.key.contrast),
+            "repetition": int(self.key.repetition),
+            "set": int(self.key.set),
+            "reference_repetition": int(self.reference_repetition),
+            "dx_px": num(self.dx_px),
+            "dy_px": num(self.dy_px),
+            "rot_deg": num(self.rot_deg),
+            "dx_mm": num(self.dx_mm),
+            "dy_mm": num(self.dy_mm),
+            "patient_x_mm": num(self.patient_mm[0]),
+            "patient_y_mm": num(self.patient_mm[1]),
+            "patient_z_mm": num(self.patient_mm[2]),
+            "flagged": bool(self.flagged),
+            "corrected": bool(self.corrected),
+            "reason": self.reason,
+        }
+
+    def log_line(self) -> str:
+        """One line: counters, px, mm, deg, patient mm, flags and the reason."""
+        k = self.key
+        p = self.patient_mm
+        line = (
+            f"slice {k.slice} contrast {k.contrast} rep {k.repetition} set {k.set} "
+            f"(ref rep {self.reference_repetition}): dx {self.dx_px:+.2f} px ({self.dx_mm:+.2f} mm) "
+            f"dy {self.dy_px:+.2f} px ({self.dy_mm:+.2f} mm) rot {self.rot_deg:+.2f} deg; "
+            f"patient ({p[0]:+.2f}, {p[1]:+.2f}, {p[2]:+.2f}) mm; flagged {self.flagged}, "
+            f"corrected {self.corrected}"
+        )
+        return f"{line}; {self.reason}" if self.reason else line
+
+
+def blank_report(key: SliceKey, ref_rep: int, reason: str, zeros: bool = False) -> MotionReport:
+    """A report without an estimate (NaN, or zeros for a reference), not corrected, with ``reason``."""
+    v = 0.0 if zeros else math.nan
+    return MotionReport(key, ref_rep, v, v, v, v, v, (v, v, v), False, False, reason)
