@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from kmotion.cli import main
+from kmotion.frontends.replay import CORRECTED, UNCORRECTED, _relative_truth
 from kmotion.io.estimates import CSV_COLUMNS, TRUE_COLUMNS, read_estimates
 from kmotion.io.ismrmrd_reader import open_ismrmrd, read_images
 from kmotion.io.ismrmrd_writer import TrueMotion, read_true_motion
-from kmotion.replay import CORRECTED, UNCORRECTED, _relative_truth
 from kmotion.simulation.raw import RawConfig, simulate_raw, write_raw
 
 # the network needs >= 64 acquired rows: 128 rows at R = 2

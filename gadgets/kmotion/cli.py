@@ -290,8 +290,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _run_replay(args: argparse.Namespace) -> int:
+    from kmotion.frontends.replay import replay
     from kmotion.gadget.params import GadgetParams
-    from kmotion.replay import replay
 
     params = GadgetParams(
         model=args.model,
@@ -381,20 +381,20 @@ def _gadget_properties(args: argparse.Namespace) -> dict[str, str]:
 
 
 def _limits(args: argparse.Namespace):  # noqa: ANN202
-    from kmotion.gadget.mrd_stream import Limits
+    from kmotion.io.mrd_v1 import Limits
 
     return Limits(max_bytes=int(args.max_message_mb * (1 << 20)))
 
 
 def cmd_stream(args: argparse.Namespace) -> int:
-    from kmotion.gadget.mrd_stream import run_stream
+    from kmotion.frontends.mrd_stream import run_stream
 
     props = _gadget_properties(args)
     return run_stream(sys.stdin.buffer, sys.stdout.buffer, props, images=args.images, limits=_limits(args))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from kmotion.gadget.server import serve
+    from kmotion.frontends.fire_server import serve
 
     props = _gadget_properties(args)
     try:
@@ -415,7 +415,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_gadgetron(args: argparse.Namespace) -> int:
-    from kmotion.gadget.gadgetron_adapter import serve_gadgetron
+    from kmotion.frontends.gadgetron import serve_gadgetron
 
     try:
         serve_gadgetron(args.port, args.host, max_connections=args.max_connections)

@@ -25,12 +25,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from kmotion.frontends.replay import CORRECTED, UNCORRECTED, replay  # noqa: E402
 from kmotion.gadget.params import GadgetParams  # noqa: E402
 from kmotion.gadget.recon import reconstruct_images  # noqa: E402
 from kmotion.io.base import BaseImages  # noqa: E402
 from kmotion.io.ismrmrd_reader import read_images  # noqa: E402
 from kmotion.physics.motion import apply_motion_image  # noqa: E402
-from kmotion.replay import CORRECTED, UNCORRECTED, replay  # noqa: E402
 from kmotion.simulation.phantoms import coil_maps_from_coefficients  # noqa: E402
 from kmotion.simulation.raw import (  # noqa: E402
     RawAcquisition,

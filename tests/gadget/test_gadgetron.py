@@ -28,7 +28,7 @@ import pytest
 from _helpers import REPO_ROOT
 from fake_gadgetron import ACQ_HEADER_SIZE, FakeGadgetron, echo_factory, simulated_stream
 
-from kmotion.gadget.gadgetron_adapter import ADAPTER_PROPERTIES, serve_gadgetron
+from kmotion.frontends.gadgetron import ADAPTER_PROPERTIES, serve_gadgetron
 
 CHAIN = REPO_ROOT / "config_xml" / "kmotion_cartesian_grappa.xml"
 CHAIN_CONNECT = REPO_ROOT / "config_xml" / "kmotion_cartesian_grappa_connect.xml"
@@ -119,7 +119,7 @@ def test_chain_xml_is_complete_and_documents_every_property() -> None:
     execute = ET.parse(CHAIN).getroot().find("stream/external/execute")
     assert execute is not None
     assert (execute.get("name"), execute.get("target"), execute.get("type")) == (
-        "kmotion.gadget.gadgetron_adapter",
+        "kmotion.frontends.gadgetron",
         "motion_correction",
         "python",
     )

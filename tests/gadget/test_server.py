@@ -16,8 +16,8 @@ import pytest
 from fake_gadgetron import echo_factory, simulated_stream
 from ismrmrd.serialization import ConfigFile, ConfigText, ProtocolSerializer
 
-from kmotion.gadget.mrd_stream import Message, MessageId, MessageReader, SocketSource
-from kmotion.gadget.server import serve
+from kmotion.frontends.fire_server import serve
+from kmotion.io.mrd_v1 import Message, MessageId, MessageReader, SocketSource
 
 TIMEOUT = 60.0
 

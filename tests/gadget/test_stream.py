@@ -16,8 +16,10 @@ from _helpers import REPO_ROOT
 from fake_gadgetron import echo_factory, simulated_stream
 from ismrmrd.serialization import ConfigFile, ConfigText, ProtocolDeserializer, ProtocolSerializer
 
+from kmotion.frontends.mrd_stream import run_stream
+from kmotion.frontends.properties import kmotion_pipeline, properties_from_config_text
 from kmotion.gadget.buffer import is_imaging
-from kmotion.gadget.mrd_stream import Limits, kmotion_pipeline, properties_from_config_text, run_stream
+from kmotion.io.mrd_v1 import Limits
 
 CHAIN = REPO_ROOT / "config_xml" / "kmotion_cartesian_grappa.xml"
 

@@ -3,7 +3,7 @@
 In a version-2 chain XML::
 
     <external>
-        <execute name="kmotion.gadget.gadgetron_adapter" target="motion_correction" type="python"/>
+        <execute name="kmotion.frontends.gadgetron" target="motion_correction" type="python"/>
         <configuration>
             <property name="device" value="auto"/>
         </configuration>
@@ -15,7 +15,7 @@ connects back, reads CONFIG (id 2: the ``<configuration>`` element) and HEADER (
 ``<connect port="N"/>`` instead of ``<execute>``, Gadgetron connects to a module already listening:
 :func:`serve_gadgetron` (``kmotion gadgetron --port N``).
 
-Pitfalls of ``gadgetron`` 1.4.1 handled here (each has a test in ``tests/gadget/test_gadgetron.py``):
+Pitfalls of ``gadgetron`` 1.4.1 handled here (each has a test in ``tests/frontends/test_gadgetron.py``):
 
 - it never sends ERROR (id 8, ``uint64`` length + text): :func:`run_connection` sends one on any failure,
   then CLOSE; Gadgetron reports it as a remote error of the chain;
@@ -24,7 +24,7 @@ Pitfalls of ``gadgetron`` 1.4.1 handled here (each has a test in ``tests/gadget/
   ``idle_timeout_s`` seconds of silence;
 - an unknown message id silently ends its iteration: reported here as an ERROR naming the id;
 - numpy 2 refuses its implicit dtype conversions, and ``Acquisition.serialize_into`` writes whatever
-  dtype the data have: items are sent as complex64 / float32 (:func:`~kmotion.gadget.mrd_stream.wire_item`);
+  dtype the data have: items are sent as complex64 / float32 (:func:`~kmotion.io.mrd_v1.wire_item`);
 - it has no writer for TEXT (id 5): one is added (``send_text`` property) — directly into
   ``connection.writers``, because its ``add_writer`` registers a wrapper that ``send`` cannot call.
   Gadgetron's own External node refuses TEXT from a module ("Received illegal message id from external
@@ -43,20 +43,22 @@ from typing import Any
 
 import ismrmrd
 
-from kmotion.gadget.mrd_stream import (
+from kmotion.frontends.connections import close_gracefully, serve_connections
+from kmotion.frontends.properties import (
     ADAPTER_PROPERTIES,
+    PipelineFactory,
+    kmotion_pipeline,
+    properties_from_xml,
+)
+from kmotion.io.mrd_v1 import (
     Limits,
     MessageId,
     MessageReader,
-    PipelineFactory,
     ProtocolError,
     SocketSource,
     StreamEndedError,
     UnknownMessageError,
     estimate_text,
-    kmotion_pipeline,
-    properties_from_xml,
-    serve_connections,
     wire_item,
 )
 from kmotion.physics.validate import InputError
@@ -116,7 +118,7 @@ class GuardedSocket:
         self._source = SocketSource(
             sock, timeout, peer, "(idle_timeout_s); the peer vanished or stalled without CLOSE"
         )
-        self._reader = MessageReader(self._source, limits or Limits(), peer)
+        self.reader = MessageReader(self._source, limits or Limits(), peer)
 
     @property
     def timeout(self) -> float | None:
@@ -134,18 +136,17 @@ class GuardedSocket:
 
     def recv(self, n: int, flags: int = 0) -> bytes:
         """Exactly ``n`` bytes, or :class:`ProtocolError`."""
-        return self._reader.read_exactly(n, "message payload")
+        return self.reader.read_exactly(n, "message payload")
 
     def read_id(self) -> int:
         """The next message id; :class:`StreamEndedError` at end of input (no CLOSE)."""
-        mid = self._reader.read_id()
+        mid = self.reader.read_id()
         if mid is None:
             raise StreamEndedError(
-                f"{self._reader.peer}: connection closed without CLOSE after {self._reader.n_messages} "
+                f"{self.reader.peer}: connection closed without CLOSE after {self.reader.n_messages} "
                 "message(s) (peer disconnected mid-stream)"
             )
-        self._reader._mid = mid
-        self._reader.n_messages += 1
+        self.reader.begin_message(mid)
         return mid
 
     def send(self, data: Any) -> int:
@@ -168,18 +169,7 @@ class GuardedSocket:
         Closing with unread bytes in the receive buffer makes the kernel send RST, which can destroy the
         last messages (ERROR, CLOSE) before the peer reads them.
         """
-        try:
-            self.raw.shutdown(socket.SHUT_WR)
-            self.raw.settimeout(min(linger, self.timeout or linger))
-            for _ in range(64):
-                if not self.raw.recv(1 << 16):
-                    break
-        except OSError:
-            pass
-        try:
-            self.raw.close()
-        except OSError:
-            pass
+        close_gracefully(self.raw, min(linger, self.timeout or linger))
 
 
 def _is_report(item: object) -> bool:
@@ -241,7 +231,7 @@ def _items(connection: Any, guard: GuardedSocket) -> Iterator[object]:
         if reader is None:
             known = sorted(int(k) for k in connection.readers)
             raise UnknownMessageError(
-                f"Gadgetron: unknown message id {mid} (message {guard._reader.n_messages}); this gadget "
+                f"Gadgetron: unknown message id {mid} (message {guard.reader.n_messages}); this gadget "
                 f"reads {known}; the rest of the stream cannot be framed"
             )
         item = reader(connection.socket)
@@ -271,9 +261,9 @@ def run_connection(connection: Any, factory: PipelineFactory = kmotion_pipeline)
     connection.writers.insert(0, (lambda item: isinstance(item, TextMessage), write_text))
     connection.filter(lambda item: isinstance(item, ismrmrd.Acquisition | ismrmrd.Waveform))
     # ismrmrd's deserialize_from allocates what a header claims before reading: bounded readers instead
-    connection.readers[MessageId.ACQUISITION] = lambda _src: guard._reader.acquisition()
-    connection.readers[MessageId.WAVEFORM] = lambda _src: guard._reader.waveform()
-    connection.readers[MessageId.IMAGE] = lambda _src: guard._reader.image()
+    connection.readers[MessageId.ACQUISITION] = lambda _src: guard.reader.acquisition()
+    connection.readers[MessageId.WAVEFORM] = lambda _src: guard.reader.waveform()
+    connection.readers[MessageId.IMAGE] = lambda _src: guard.reader.image()
     n_out = n_reports = 0
     source = _Input(connection, guard)
     try:
@@ -281,7 +271,7 @@ def run_connection(connection: Any, factory: PipelineFactory = kmotion_pipeline)
             log.warning("Gadgetron CONFIG is not XML (empty <configuration>?): default properties")
         props, send_text, timeout, limits = _split_properties(properties_from_xml(connection.config))
         guard.timeout = timeout
-        guard._reader.limits = limits
+        guard.reader.limits = limits
         pipeline = factory(props)
         log.info("kmotion gadget: properties %s, send_text=%s, idle timeout %s s", props, send_text, timeout)
 
@@ -311,7 +301,7 @@ def run_connection(connection: Any, factory: PipelineFactory = kmotion_pipeline)
 
 
 def motion_correction(connection: Any) -> None:
-    """Gadgetron target: ``<execute name="kmotion.gadget.gadgetron_adapter" target="motion_correction"/>``."""
+    """Gadgetron target: ``<execute name="kmotion.frontends.gadgetron" target="motion_correction"/>``."""
     run_connection(connection, kmotion_pipeline)
 
 

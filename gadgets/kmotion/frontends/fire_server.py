@@ -29,18 +29,10 @@ from typing import Any
 
 import ismrmrd
 
-from kmotion.gadget.mrd_stream import (
-    Limits,
-    MessageReader,
-    MessageWriter,
-    PipelineFactory,
-    ProtocolError,
-    SocketSource,
-    _Feed,
-    kmotion_pipeline,
-    read_preamble,
-    serve_connections,
-)
+from kmotion.frontends.connections import close_gracefully, serve_connections
+from kmotion.frontends.mrd_stream import Feed, read_preamble
+from kmotion.frontends.properties import PipelineFactory, kmotion_pipeline
+from kmotion.io.mrd_v1 import Limits, MessageReader, MessageWriter, ProtocolError, SocketSource
 from kmotion.physics.validate import InputError
 
 __all__ = ["CONFIG_NAMES", "handle_connection", "serve"]
@@ -61,25 +53,6 @@ def _check_config(name: str) -> None:
             f"unknown configuration {name.strip()!r}: this server runs {', '.join(CONFIG_NAMES)} "
             "(motion-corrected images)"
         )
-
-
-def close_gracefully(sock: socket.socket, linger: float = 2.0) -> None:
-    """Shut the write side, drain what the peer still sends (at most ``linger`` s), close.
-
-    Closing with unread input makes the kernel send RST, which can destroy the last messages in flight.
-    """
-    try:
-        sock.shutdown(socket.SHUT_WR)
-        sock.settimeout(linger)
-        for _ in range(64):
-            if not sock.recv(1 << 16):
-                break
-    except OSError:
-        pass
-    try:
-        sock.close()
-    except OSError:
-        pass
 
 
 def handle_connection(
@@ -114,7 +87,7 @@ def handle_connection(
             return False
         settings = {**(properties or {}), **props}
         log.info("kmotion serve %s: config %r, parameters %s", peer, config_name or "(text)", settings)
-        feed = _Feed(first, reader)
+        feed = Feed(first, reader)
         try:
             pipeline = factory(settings)
             corrected = pipeline(feed, header)

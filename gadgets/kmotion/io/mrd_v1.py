@@ -1,4 +1,4 @@
-"""MRD v1 / Gadgetron message framing: bounded reader, writer, message ids and the shared session loop.
+"""MRD v1 / Gadgetron message framing: bounded reader, writer, byte sources, message ids, protocol errors.
 
 Wire format (little endian, the framing of ``ismrmrd.ProtocolSerializer`` and of Gadgetron):
 every message starts with a ``uint16`` id.
@@ -32,7 +32,7 @@ import logging
 import socket
 import struct
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, BinaryIO, NamedTuple, Protocol
@@ -45,6 +45,8 @@ from ismrmrd.image import get_dtype_from_data_type
 from kmotion.physics.validate import InputError
 
 __all__ = [
+    "CONFIG_FILE_SIZE",
+    "ByteSource",
     "FileSource",
     "Limits",
     "Message",
@@ -59,6 +61,7 @@ __all__ = [
     "TruncatedMessageError",
     "UnknownMessageError",
     "estimate_text",
+    "message_name",
     "parse_header",
     "wire_item",
 ]
@@ -84,14 +87,13 @@ class MessageId(IntEnum):
 
 CONFIG_FILE_SIZE = 1024
 
-#: Properties of the Gadgetron adapter itself (not GadgetParams), with defaults; other modes ignore them.
-ADAPTER_PROPERTIES = {"send_text": "false", "idle_timeout_s": "1800", "max_message_mb": "1024"}
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
 
-def _name(mid: int) -> str:
+def message_name(mid: int) -> str:
+    """``"3 (HEADER)"``: a message id with its name, for messages (just the number for unknown ids)."""
     try:
         return f"{mid} ({MessageId(mid).name})"
     except ValueError:
@@ -237,13 +239,13 @@ class MessageReader:
         lim = self.limits.max_bytes if limit is None else limit
         if n > lim:
             raise MessageTooLargeError(
-                f"{self.peer}: message {_name(self._mid)}: {what} of {n} bytes exceeds the limit of "
+                f"{self.peer}: message {message_name(self._mid)}: {what} of {n} bytes exceeds the limit of "
                 f"{lim} bytes (corrupt or hostile length field); closing the connection"
             )
         b = self.source.read(n) if n else b""
         if len(b) < n:
             raise TruncatedMessageError(
-                f"{self.peer}: message {_name(self._mid)} truncated: expected {n} bytes of {what}, "
+                f"{self.peer}: message {message_name(self._mid)} truncated: expected {n} bytes of {what}, "
                 f"got {len(b)} (peer disconnected mid-message)"
             )
         return b
@@ -251,6 +253,12 @@ class MessageReader:
     def _text(self, length_struct: struct.Struct, what: str) -> str:
         (n,) = length_struct.unpack(self._exactly(length_struct.size, f"{what} length"))
         return _strip_nul(self._exactly(n, what, self.limits.max_text_bytes))
+
+    def begin_message(self, mid: int) -> None:
+        """Count a message whose id came from :meth:`read_id` and whose payload is read by someone else
+        (e.g. gadgetron's readers): later errors name it, and ``n_messages`` includes it."""
+        self._mid = mid
+        self.n_messages += 1
 
     def read_id(self) -> int | None:
         """The next message id, or None at end of input on a message boundary."""
@@ -469,305 +477,3 @@ class MessageWriter:
 def estimate_text(report: Any) -> str:
     """The TEXT payload of one slice's estimate: ``{"kmotion_estimate": report.as_dict()}``."""
     return json.dumps({"kmotion_estimate": report.as_dict()})
-
-
-def properties_from_xml(root: Any) -> dict[str, str]:
-    """``<property name=... value=...>`` children of an ElementTree element (v2 and legacy forms).
-
-    The legacy form ``<property><name>n</name><value>v</value></property>`` is read as well, as Gadgetron
-    does.  ``root`` None (Gadgetron sends an empty configuration when ``<external>`` has none) gives {}.
-    """
-    props: dict[str, str] = {}
-    if root is None:
-        return props
-    for p in root.iter("property"):
-        name = p.get("name")
-        value = p.get("value")
-        if name is None:
-            name = p.findtext("name")
-            value = p.findtext("value")
-        if name is None or value is None:
-            raise ProtocolError("configuration: a <property> needs a name and a value (attributes)")
-        props[name.strip()] = value.strip()
-    return props
-
-
-def properties_from_json(text: str) -> dict[str, str]:
-    """Gadget properties from a JSON TEXT message (flat, or python-ismrmrd-server's ``{"parameters": ...}``).
-
-    FIRE's own keys ``config`` and ``customconfig`` are ignored; booleans become ``true``/``false``.
-    """
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ProtocolError(f"TEXT parameters: expected a JSON object, got invalid JSON ({exc})") from exc
-    if not isinstance(obj, dict):
-        raise ProtocolError(f"TEXT parameters: expected a JSON object, got {type(obj).__name__}")
-    params = obj.get("parameters", obj)
-    if not isinstance(params, dict):
-        raise ProtocolError("TEXT parameters: 'parameters' must be a JSON object")
-    out: dict[str, str] = {}
-    for k, v in params.items():
-        if k in ("config", "customconfig", "version"):
-            continue
-        if isinstance(v, bool):
-            out[k] = "true" if v else "false"
-        elif v is None:
-            continue
-        else:
-            out[k] = str(v)
-    return out
-
-
-#: A configured pipeline: (items, header) -> output items (see :func:`kmotion_pipeline`).
-Pipeline = Callable[[Iterable[object], ismrmrd.xsd.ismrmrdHeader], Iterator[object]]
-#: Builds a :data:`Pipeline` from gadget properties; raises InputError for bad properties.
-PipelineFactory = Callable[[Mapping[str, str]], Pipeline]
-
-
-def kmotion_pipeline(properties: Mapping[str, str]) -> Pipeline:
-    """The motion-correction pipeline configured by ``properties`` (``GadgetParams.from_properties``).
-
-    Bad properties raise :class:`InputError` here, before any data is read.
-    """
-    from kmotion.gadget import GadgetParams, motion_correct
-
-    params = GadgetParams.from_properties(dict(properties))
-
-    def run(items: Iterable[object], header: ismrmrd.xsd.ismrmrdHeader) -> Iterator[object]:
-        return motion_correct(items, header, params)
-
-    return run
-
-
-def properties_from_config_text(text: str) -> dict[str, str]:
-    """Gadget properties from a CONFIG_TEXT: a ``<configuration>`` of properties or a whole chain XML.
-
-    In a chain, the ``<configuration>`` of the ``<external>`` node that runs ``kmotion`` is used; a text
-    that is not XML gives {} (it names a configuration, as Gadgetron's CONFIG_FILE does).  The Gadgetron
-    adapter's own properties (:data:`ADAPTER_PROPERTIES`) are dropped.
-    """
-    import xml.etree.ElementTree as ET
-
-    try:
-        root = ET.fromstring(text.split("\0", 1)[0].strip())
-    except ET.ParseError:
-        log.info("CONFIG_TEXT is not XML; ignored")
-        return {}
-    props: dict[str, str] = {}
-    externals = root.findall(".//external")
-    if not externals and root.find("property") is not None:
-        props = properties_from_xml(root)
-    for ext in externals:
-        ex = ext.find("execute")
-        if ex is None or "kmotion" in (ex.get("name") or ""):
-            props = properties_from_xml(ext.find("configuration"))
-            break
-    return {k: v for k, v in props.items() if k not in ADAPTER_PROPERTIES}
-
-
-class _Feed:
-    """Data items of a stream after the preamble, until CLOSE; a ProtocolError ends it (kept in ``error``)."""
-
-    def __init__(self, first: list[object], reader: MessageReader) -> None:
-        self.first = first
-        self.reader = reader
-        self.error: ProtocolError | None = None
-        self.closed = False
-        self.n = 0
-
-    def __iter__(self) -> Iterator[object]:
-        for item in self.first:
-            self.n += 1
-            yield item
-        try:
-            while True:
-                m = self.reader.read_message()
-                if m is None:
-                    raise StreamEndedError(
-                        f"{self.reader.peer}: end of input without CLOSE after {self.reader.n_messages} "
-                        "message(s) (stream ended early)"
-                    )
-                if m.mid == MessageId.CLOSE:
-                    self.closed = True
-                    return
-                if m.mid in (MessageId.HEADER, MessageId.CONFIG_FILE, MessageId.CONFIG_TEXT):
-                    raise ProtocolError(f"{self.reader.peer}: unexpected {_name(m.mid)} after the data began")
-                if m.mid == MessageId.ERROR:
-                    log.error("%s sent ERROR: %s", self.reader.peer, m.value)
-                    continue
-                self.n += 1
-                yield m.value
-        except ProtocolError as exc:
-            self.error = exc
-            log.error("%s; flushing the %d item(s) received so far", exc, self.n)
-
-
-def read_preamble(
-    reader: MessageReader, check_config: Callable[[str], object] | None = None
-) -> tuple[ismrmrd.xsd.ismrmrdHeader, str, dict[str, str], list[object]]:
-    """CONFIG_FILE / CONFIG_TEXT (optional), HEADER, then TEXT parameters (JSON) before the first data.
-
-    Returns
-    -------
-    header, config name ("" if none), properties (CONFIG_TEXT then TEXT, later ones win), and the first
-    data items already read (at most one, or none when CLOSE came right away).  ``check_config`` is
-    called with a CONFIG_FILE name as soon as it arrives (it raises to refuse it).
-    """
-    config_name = ""
-    props: dict[str, str] = {}
-    header = None
-    while header is None:
-        m = reader.read_message()
-        if m is None:
-            raise StreamEndedError(f"{reader.peer}: end of input before HEADER")
-        if m.mid == MessageId.CONFIG_FILE:
-            config_name = m.value
-            if check_config is not None:
-                check_config(config_name)
-        elif m.mid == MessageId.CONFIG_TEXT:
-            props.update(properties_from_config_text(m.value))
-        elif m.mid == MessageId.TEXT:
-            props.update(properties_from_json(m.value))
-        elif m.mid == MessageId.HEADER:
-            header = parse_header(m.value)
-        else:
-            raise ProtocolError(f"{reader.peer}: expected CONFIG or HEADER first, got message {_name(m.mid)}")
-    first: list[object] = []
-    while True:
-        m = reader.read_message()
-        if m is None or m.mid == MessageId.CLOSE:
-            break
-        if m.mid == MessageId.TEXT:
-            props.update(properties_from_json(m.value))
-            continue
-        first.append(m.value)
-        break
-    return header, config_name, props, first
-
-
-def run_stream(
-    inp: BinaryIO,
-    out: BinaryIO,
-    properties: Mapping[str, str] | None = None,
-    factory: PipelineFactory = kmotion_pipeline,
-    images: bool = False,
-    limits: Limits | None = None,
-) -> int:
-    """``kmotion stream``: an MRD v1 stream on ``inp`` through the pipeline to ``out``.
-
-    Output: HEADER, every item the pipeline yields (corrected acquisitions, waveforms, ...) with one TEXT
-    ``{"kmotion_estimate": {...}}`` before each slice's lines, optionally the reconstructed images (after
-    all data), then CLOSE.  ``properties`` (command line) override those of the stream (CONFIG_TEXT, TEXT).
-    When the pipeline cannot be set up (bad property, missing model), the data pass through untouched.
-    Errors are logged and sent as TEXT ``ERROR ...`` (``ProtocolDeserializer`` reads TEXT, not ERROR).
-
-    Returns
-    -------
-    int
-        0, or 2 after an error.
-    """
-    reader = MessageReader(FileSource(inp), limits or Limits(), peer="input stream")
-    writer = MessageWriter(out.write, out.flush)
-    errors: list[str] = []
-    try:
-        header, config_name, props, first = read_preamble(reader)
-    except ProtocolError as exc:
-        log.error("%s", exc)
-        writer.text(f"ERROR kmotion stream: {exc}")
-        writer.close()
-        return 2
-    if config_name:
-        log.info("CONFIG_FILE %r (the stream command always runs kmotion)", config_name)
-    props.update(properties or {})
-    feed = _Feed(first, reader)
-    writer.header(header)
-    pipeline: Pipeline
-    try:
-        pipeline = factory(props)
-        outputs = pipeline(feed, header)
-    except InputError as exc:
-        errors.append(f"pipeline not set up, data passed through untouched: {exc}")
-        log.error("kmotion stream: %s", errors[-1])
-        outputs = iter(feed)
-    kept: list[object] = []
-    n_out = n_reports = 0
-    try:
-        for item in outputs:
-            if hasattr(item, "as_dict") and hasattr(item, "log_line"):
-                n_reports += 1
-                log.debug("%s", item.log_line())  # the pipeline logs it at INFO
-                writer.text(estimate_text(item))
-            elif isinstance(item, str):
-                writer.text(item)
-            else:
-                writer.item(item)
-                n_out += 1
-            if images:
-                kept.append(item)
-    except Exception as exc:  # the pipeline itself failed: nothing more can come out of it
-        errors.append(f"pipeline failed: {type(exc).__name__}: {exc}")
-        log.exception("kmotion stream: %s", errors[-1])
-    if feed.error is not None:
-        errors.append(str(feed.error))
-    if images and kept:
-        from kmotion.gadget.recon import reconstruct_images
-
-        try:
-            for img in reconstruct_images(kept, header):
-                if isinstance(img, ismrmrd.Image):
-                    writer.item(img)
-        except Exception as exc:
-            errors.append(f"image reconstruction failed: {type(exc).__name__}: {exc}")
-            log.error("kmotion stream: %s", errors[-1])
-    log.info("kmotion stream: %d items in, %d out, %d estimates", feed.n, n_out, n_reports)
-    for e in errors:
-        writer.text(f"ERROR kmotion stream: {e}")
-    writer.close()
-    return 2 if errors else 0
-
-
-def serve_connections(
-    srv: socket.socket,
-    handle: Callable[[socket.socket, Any], bool],
-    name: str,
-    max_connections: int | None = None,
-    stop: threading.Event | None = None,
-) -> int:
-    """Accept connections on the listening ``srv`` (1 s accept timeout) and run ``handle(sock, addr)`` in a
-    thread of its own for each; ``handle`` returns whether the connection succeeded, an exception counts as
-    a failure and never ends the loop.  Stops after ``max_connections`` connections or within a second of
-    ``stop`` being set; closes ``srv`` and joins the threads.  Returns the number of failed connections.
-    """
-    failures = 0
-    n = 0
-    lock = threading.Lock()
-    threads: list[threading.Thread] = []
-
-    def run(sock: socket.socket, addr: Any) -> None:
-        nonlocal failures
-        ok = False
-        try:
-            ok = handle(sock, addr)
-        except Exception:  # never take the server down
-            log.exception("%s: connection from %s failed", name, addr)
-        if not ok:
-            with lock:
-                failures += 1
-
-    try:
-        while (max_connections is None or n < max_connections) and not (stop is not None and stop.is_set()):
-            try:
-                sock, addr = srv.accept()
-            except TimeoutError:
-                continue
-            n += 1
-            log.info("%s: connection %d from %s", name, n, addr)
-            t = threading.Thread(target=run, args=(sock, addr), daemon=True, name=f"{name}-{n}")
-            t.start()
-            threads.append(t)
-    finally:
-        srv.close()
-        for t in threads:
-            t.join()
-    return failures

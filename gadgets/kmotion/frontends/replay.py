@@ -1,8 +1,9 @@
 """Offline replay: stream an ISMRMRD ``.h5`` file through the motion-correction gadget and store the result.
 
 ``kmotion replay IN.h5 OUT.h5`` (:func:`replay`) reads the header, the acquisitions and the waveforms of
-``IN.h5`` (merged in time-stamp order), streams them through
-:func:`kmotion.gadget.pipeline.motion_correct` and writes ``OUT.h5``:
+``IN.h5`` (merged in time-stamp order, :mod:`kmotion.io.ismrmrd_reader`), streams them through
+:func:`kmotion.gadget.pipeline.motion_correct` and writes ``OUT.h5`` (:mod:`kmotion.io.ismrmrd_writer`,
+:mod:`kmotion.io.estimates`):
 
 * ``/dataset/xml``, ``/dataset/data``, ``/dataset/waveforms``: the header and every input acquisition and
   waveform (corrected acquisitions where correction ran, untouched ones otherwise), in stream order
