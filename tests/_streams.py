@@ -1,14 +1,13 @@
-"""Fixtures that build synthetic ISMRMRD streams (header + acquisitions) in memory."""
+"""Builders of synthetic ISMRMRD streams (header + acquisitions) in memory, for the fixtures of
+``conftest.py`` (imported as ``_streams``; a unique name, unlike ``conftest``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from types import SimpleNamespace
 
 import ismrmrd
 import ismrmrd.xsd
 import numpy as np
-import pytest
 
 _NS = "http://www.ismrm.org/ISMRMRD"
 
@@ -134,28 +133,6 @@ def undersampled_rows(n_ky: int, parity: int, r: int = 2) -> list[int]:
     return [row for row in range(n_ky) if (row - n_ky // 2) % r == parity]
 
 
-@pytest.fixture
-def header_factory() -> Callable[..., ismrmrd.xsd.ismrmrdHeader]:
-    return make_header
-
-
-@pytest.fixture
-def header() -> ismrmrd.xsd.ismrmrdHeader:
-    return make_header()
-
-
-@pytest.fixture
-def ism() -> SimpleNamespace:
-    """The stream builders of this module (test modules cannot import a ``conftest`` by name)."""
-    return SimpleNamespace(
-        make_header=make_header,
-        known_kspace=known_kspace,
-        make_acq=make_acq,
-        slice_lines=slice_lines,
-        undersampled_rows=undersampled_rows,
-    )
-
-
 def motion_stream(
     n_ky: int = 128,
     n_kx: int = 128,
@@ -256,9 +233,3 @@ def motion_stream(
         rows=rows,
         motions=motions,
     )
-
-
-@pytest.fixture
-def stream_factory() -> Callable[..., SimpleNamespace]:
-    """:func:`motion_stream`: a multi-coil stream with known motion per repetition."""
-    return motion_stream

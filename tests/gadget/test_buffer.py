@@ -1,4 +1,4 @@
-"""Tests of the first gadget stages: ``buffer_slices`` and ``assemble``."""
+"""Tests of the first gadget stage: ``buffer_slices`` (``kmotion.gadget.buffer``)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,8 @@ import logging
 import ismrmrd
 import numpy as np
 import pytest
-import torch
 
-from kmotion.gadget import AssembledSlice, SliceBuffer, assemble, buffer_slices
-from kmotion.physics.fft import fft1c, ifft1c
+from kmotion.gadget import SliceBuffer, assemble, buffer_slices
 
 N_KY, N_KX, N_C = 28, 32, 2
 C_KY = N_KY // 2
@@ -125,94 +123,3 @@ def test_incomplete_group_flushed_at_end(ism, header, caplog: pytest.LogCaptureF
     assert "incomplete" in caplog.text
     a = assemble(out[0])
     assert not a.correctable and "incomplete" in a.reason
-
-
-def _assembled(stream: list[object], header) -> AssembledSlice:
-    out = [o for o in buffer_slices(stream, header) if isinstance(o, SliceBuffer)]
-    assert len(out) == 1
-    return assemble(out[0])
-
-
-@pytest.mark.parametrize("n_ky", [28, 27])
-@pytest.mark.parametrize("parity", [0, 1])
-@pytest.mark.parametrize("centre_offset", [0, 3])
-def test_assemble_places_lines(ism, n_ky: int, parity: int, centre_offset: int) -> None:
-    c = n_ky // 2 + centre_offset  # header centre line need not be n_ky // 2
-    hdr = ism.make_header(n_ky=n_ky, step1=(centre_offset, n_ky - 1 + centre_offset, c))
-    k = ism.known_kspace(3, n_ky, N_KX, seed=n_ky + parity)
-    rows = ism.undersampled_rows(n_ky, parity)
-    a = _assembled(ism.slice_lines(k, rows, c), hdr)
-    assert a.correctable, a.reason
-    assert a.kspace.shape == (3, n_ky, N_KX) and a.kspace.dtype == np.complex64
-    assert np.flatnonzero(a.mask).tolist() == rows
-    np.testing.assert_allclose(a.kspace[:, rows], k[:, rows], rtol=1e-6, atol=1e-6)
-    assert not np.any(a.kspace[:, ~a.mask])
-    assert (a.acceleration, a.parity) == (2, parity)
-    assert a.segment[rows].tolist() == [i // 4 for i in range(len(rows))]
-    assert a.matrix == (n_ky, N_KX)
-    assert a.fov_mm == (224.0, 256.0)
-    assert a.pixel_spacing_mm == pytest.approx((224.0 / n_ky, 256.0 / N_KX))
-    assert a.read_dir == (1.0, 0.0, 0.0) and a.slice_dir == (0.0, 0.0, 1.0)
-
-
-@pytest.mark.parametrize("encoded_includes_os", [False, True])
-def test_assemble_removes_readout_oversampling(ism, encoded_includes_os: bool) -> None:
-    if encoded_includes_os:  # siemens_to_ismrmrd style: encoded x and FOV include the 2x oversampling
-        hdr = ism.make_header(n_kx=N_KX, enc_x=2 * N_KX, fov_mm=(224.0, 512.0), recon_fov_x=256.0)
-    else:
-        hdr = ism.make_header()
-    k_os = ism.known_kspace(N_C, N_KY, 2 * N_KX, seed=3)
-    rows = ism.undersampled_rows(N_KY, 0)
-    a = _assembled(ism.slice_lines(k_os, rows, C_KY), hdr)
-    assert a.correctable, a.reason
-    img = ifft1c(torch.from_numpy(k_os), dim=-1)
-    expected = fft1c(img[..., N_KX - N_KX // 2 : N_KX + N_KX // 2], dim=-1).numpy()
-    assert a.kspace.shape == (N_C, N_KY, N_KX)
-    np.testing.assert_allclose(a.kspace[:, rows], expected[:, rows], rtol=1e-5, atol=1e-5)
-    assert a.matrix == (N_KY, N_KX) and a.fov_mm == (224.0, 256.0)
-    assert a.pixel_spacing_mm == pytest.approx((8.0, 8.0))
-
-
-def test_assemble_averages_repeated_lines(ism) -> None:
-    hdr = ism.make_header(n_averages=2)  # count completion waits for both averages
-    k1, k2 = ism.known_kspace(N_C, N_KY, N_KX, seed=1), ism.known_kspace(N_C, N_KY, N_KX, seed=2)
-    rows = ism.undersampled_rows(N_KY, 1)
-    stream = [*ism.slice_lines(k1, rows, C_KY, last_flag=False)]
-    stream += ism.slice_lines(k2, rows, C_KY, last_flag=False)
-    for acq in stream[len(rows) :]:
-        acq.idx.average = 1
-    out = list(buffer_slices(stream, hdr))
-    assert len(out) == 1 and isinstance(out[0], SliceBuffer) and out[0].complete
-    assert out[0].acquisitions == stream
-    a = assemble(out[0])
-    assert a.correctable, a.reason
-    np.testing.assert_allclose(a.kspace[:, rows], (k1[:, rows] + k2[:, rows]) / 2, rtol=1e-6, atol=1e-6)
-
-
-def test_assemble_flags_asymmetric_echo(ism, header) -> None:
-    k = ism.known_kspace(N_C, N_KY, N_KX)
-    rows = ism.undersampled_rows(N_KY, 0)
-    stream = []
-    for i, r in enumerate(rows):  # 24 samples, echo at sample 8: columns 8..31 of the centred row
-        stream.append(ism.make_acq(k[:, r, 8:], r, segment=i // 4, center_sample=8))
-    stream[-1].set_flag(ismrmrd.ACQ_LAST_IN_SLICE)
-    a = _assembled(stream, header)
-    assert not a.correctable and "asymmetric echo" in a.reason
-    np.testing.assert_allclose(a.kspace[:, rows, 8:], k[:, rows, 8:], rtol=1e-6, atol=1e-6)
-    assert not np.any(a.kspace[:, :, :8])
-
-
-def test_assemble_flags_partial_fourier_in_y(ism, header) -> None:
-    k = ism.known_kspace(N_C, N_KY, N_KX)
-    rows = [r for r in ism.undersampled_rows(N_KY, 0) if r >= 8]
-    a = _assembled(ism.slice_lines(k, rows, C_KY), header)
-    assert not a.correctable and "partial Fourier along y" in a.reason
-
-
-def test_assemble_flags_nan(ism, header) -> None:
-    k = ism.known_kspace(N_C, N_KY, N_KX)
-    rows = ism.undersampled_rows(N_KY, 0)
-    k[1, rows[3], 5] = np.nan
-    a = _assembled(ism.slice_lines(k, rows, C_KY), header)
-    assert not a.correctable and "NaN" in a.reason
-    assert np.isfinite(a.kspace).all()
