@@ -6,6 +6,7 @@
 * ISMRMRD ``.h5`` streams: :mod:`~kmotion.io.ismrmrd_reader` (chunked reads of the items, images) and
   :mod:`~kmotion.io.ismrmrd_writer` (buffered writer, kmotion's true-motion records).
 * kmotion's estimate tables (HDF5 dataset and CSV): :mod:`~kmotion.io.estimates`.
+* MRD v1 / Gadgetron message framing (streams and sockets): :mod:`~kmotion.io.mrd_v1`.
 
 Every loader returns :class:`BaseImages`: coil images ``(n_images, n_coils, n_y, n_x)`` complex64 in the
 image domain (y = phase encoding, x = readout, readout oversampling removed) and ``fov_mm = (FOV_y,
