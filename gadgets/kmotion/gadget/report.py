@@ -18,6 +18,12 @@ class MotionReport:
     degrees (positive: from +x towards +y, see ``docs/conventions.md``), ``dx_mm``/``dy_mm`` in mm,
     ``patient_mm`` the translation ``dx_mm * read_dir + dy_mm * phase_dir`` in the patient frame.  NaN where
     nothing was estimated.
+
+    Uncertainty and significance (``docs/gadget.md``, "Do no harm"): ``dx_std_px``/``dy_std_px``/
+    ``rot_std_deg`` the standard errors of the estimate, ``chi2`` the likelihood-ratio statistic of "motion"
+    against "no motion" (3 degrees of freedom), ``p_value`` its p-value under no motion; ``method`` says how
+    the estimate was made (e.g. whether the network seeded the data-consistency fit).  NaN / empty when not
+    estimated.
     """
 
     key: SliceKey
@@ -31,6 +37,12 @@ class MotionReport:
     flagged: bool
     corrected: bool
     reason: str
+    dx_std_px: float = math.nan
+    dy_std_px: float = math.nan
+    rot_std_deg: float = math.nan
+    chi2: float = math.nan
+    p_value: float = math.nan
+    method: str = ""
 
     def as_dict(self) -> dict[str, object]:
         """JSON-able dict (NaN becomes None)."""
@@ -52,9 +64,15 @@ class MotionReport:
             "patient_x_mm": num(self.patient_mm[0]),
             "patient_y_mm": num(self.patient_mm[1]),
             "patient_z_mm": num(self.patient_mm[2]),
+            "dx_std_px": num(self.dx_std_px),
+            "dy_std_px": num(self.dy_std_px),
+            "rot_std_deg": num(self.rot_std_deg),
+            "chi2": num(self.chi2),
+            "p_value": num(self.p_value),
             "flagged": bool(self.flagged),
             "corrected": bool(self.corrected),
             "reason": self.reason,
+            "method": self.method,
         }
 
     def log_line(self) -> str:
@@ -64,11 +82,20 @@ class MotionReport:
         line = (
             f"slice {k.slice} contrast {k.contrast} rep {k.repetition} set {k.set} "
             f"(ref rep {self.reference_repetition}): dx {self.dx_px:+.2f} px ({self.dx_mm:+.2f} mm) "
-            f"dy {self.dy_px:+.2f} px ({self.dy_mm:+.2f} mm) rot {self.rot_deg:+.2f} deg; "
+            f"dy {self.dy_px:+.2f} px ({self.dy_mm:+.2f} mm) rot {self.rot_deg:+.2f} deg"
+            f"{self._uncertainty()}; "
             f"patient ({p[0]:+.2f}, {p[1]:+.2f}, {p[2]:+.2f}) mm; flagged {self.flagged}, "
             f"corrected {self.corrected}"
         )
         return f"{line}; {self.reason}" if self.reason else line
+
+    def _uncertainty(self) -> str:
+        if not math.isfinite(self.dx_std_px):
+            return ""
+        return (
+            f" (+- {self.dx_std_px:.3f} px, {self.dy_std_px:.3f} px, {self.rot_std_deg:.3f} deg; "
+            f"chi2 {self.chi2:.1f}, p {self.p_value:.2g})"
+        )
 
 
 def blank_report(key: SliceKey, ref_rep: int, reason: str, zeros: bool = False) -> MotionReport:

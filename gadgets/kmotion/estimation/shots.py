@@ -1,0 +1,622 @@
+"""Rigid motion of each echo train (shot) by data consistency with a reference image (SAMER-type fit).
+
+Pure math, no I/O; batched torch (CPU and CUDA).  Axes as in ``docs/conventions.md``.
+
+Model
+-----
+Slice ``b`` was acquired in shots ``s``; shot ``s`` holds the k-space samples ``M_s`` and saw the object at
+the rigid pose ``theta_s = (dx_px, dy_px, phi_deg)`` relative to the reference image ``x_ref`` (coils fixed
+in the scanner frame, motion within a shot out of scope).  For every shot independently
+
+``theta_s = argmin_theta ||M_s F C T(theta) x_ref - y_s||^2``
+
+(Polak et al., SAMER, MRM 2022; Cordero-Grande et al., aligned SENSE, MRM 2016).  With one shot holding a
+whole repetition this is the registration of that repetition to a reference one.
+
+Method
+------
+1. **Global initialisation** (:func:`coarse_search`): for every angle of a grid the reference is rotated and
+   encoded once per slice; each shot's coil-summed cross-spectrum with it (on the shot's rows only), inverse
+   transformed once, is the correlation over all integer translations; its real part minus the shot energy
+   of the rotated reference is the least-squares score.  The best angles (local maxima of the score over the
+   grid) with their best translations (sub-pixel by a parabola, within ``max_translation_px``) are the
+   candidates; each angle also gives a second translation apart along y (narrow-band shots of a linear
+   ordering have near-equal minima along y: the phase of a band at ``|ky| = k0`` repeats every
+   ``n_y / k0`` pixels).
+2. **Local fit** (:func:`fit_shots`): Levenberg-Marquardt (damped Gauss-Newton) from every candidate, batched
+   over shots and candidates.  Jacobian columns: ``-d/dx`` and ``-d/dy`` of the moved image (spectral, exact
+   for the translation) and the rotation generator ``(y - t_y) d/dx - (x - t_x) d/dy`` (in mm), each encoded
+   on the shot's rows only (partial DFT along y).  Data and maps may first be projected onto a few virtual
+   coils (:func:`compress_coils`).
+3. **Ambiguity**: of the converged candidates of a shot, those whose RSS is within ``ambiguity_chi2`` (in
+   units of the noise) of the best are statistically equivalent; the one closest to its neighbouring shots'
+   poses (median of the two trains before and after) is taken and the shot is marked ``ambiguous`` when
+   they differ by more than 0.5 px/deg.
+4. **Uncertainty and significance**: with complex white noise of variance ``noise_var`` per sample of the
+   residual, ``cov(theta) = noise_var / 2 * inv(Re J^H J)`` at the optimum (Cramer-Rao bound of the
+   linearised model) and, under "no motion", ``2 (RSS(0) - RSS(theta)) / noise_var`` follows a chi-square
+   law with 3 degrees of freedom (likelihood-ratio test).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kmotion.physics.fft import centered_indices, ifft1c
+from kmotion.physics.validate import InputError
+
+__all__ = [
+    "ShotFit",
+    "ShotProblems",
+    "coarse_search",
+    "compress_coils",
+    "fit_shots",
+    "move_image",
+]
+
+Spacing = tuple[float, float]
+
+_Y_UPSAMPLE = 4
+"""Translations along y are scored every ``1 / _Y_UPSAMPLE`` px in the global initialisation."""
+
+
+class _Grid:
+    """FFT helpers on the *rolled* layout of an ``(n_y, n_x)`` grid (``ifftshift`` over both axes).
+
+    In the rolled layout position 0 is at index 0, so centred transforms are plain FFTs with no shift
+    copies; positions and frequencies are both ``fftfreq(n) * n``.  Results equal the centred operations of
+    :mod:`kmotion.physics` to float precision (tested).
+    """
+
+    def __init__(self, n_y: int, n_x: int, spacing: Spacing, device: torch.device) -> None:
+        self.n_y, self.n_x = n_y, n_x
+        self.spacing = spacing
+        self.fy = (torch.fft.fftfreq(n_y, device=device) * n_y).to(torch.float32)
+        self.fx = (torch.fft.fftfreq(n_x, device=device) * n_x).to(torch.float32)
+
+    @staticmethod
+    def roll(img: torch.Tensor) -> torch.Tensor:
+        """Centred -> rolled layout (``ifftshift`` over the last two axes)."""
+        return torch.fft.ifftshift(img, dim=(-2, -1))
+
+    @staticmethod
+    def unroll(img: torch.Tensor) -> torch.Tensor:
+        """Rolled -> centred layout."""
+        return torch.fft.fftshift(img, dim=(-2, -1))
+
+    @staticmethod
+    def _phase(shift: torch.Tensor, freq: torch.Tensor, n: int) -> torch.Tensor:
+        """``exp(-2 pi i shift f / n)`` ``(Q, L, M)`` for ``shift`` ``(Q, L)`` and ``freq`` ``(M,)``."""
+        arg = (shift.to(torch.float64)[..., None] * (freq.to(torch.float64) * (-2 * math.pi / n))).to(
+            torch.float32
+        )
+        return torch.complex(torch.cos(arg), torch.sin(arg))
+
+    def shear_x(self, img: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """Shift row ``i`` of ``img`` ``(Q, n_y, n_x)`` by ``shift[:, i]`` px along x (content moves +)."""
+        return torch.fft.ifft(torch.fft.fft(img, dim=-1) * self._phase(shift, self.fx, self.n_x), dim=-1)
+
+    def shear_y(self, img: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """Shift column ``j`` by ``shift[:, j]`` pixels along y."""
+        ph = self._phase(shift, self.fy, self.n_y).transpose(1, 2)
+        return torch.fft.ifft(torch.fft.fft(img, dim=-2) * ph, dim=-2)
+
+    def move(self, img: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        """``T(theta) img`` in the rolled layout: three Fourier shears (the rotation of
+        :func:`kmotion.physics.rotate_image`), the x translation merged into the last one, then the y
+        shift."""
+        dy_mm, dx_mm = self.spacing
+        rad = theta[:, 2] * (math.pi / 180.0)
+        a = -torch.tan(rad / 2)
+        b = torch.sin(rad)
+        sx = a[:, None] * self.fy.double() * (dy_mm / dx_mm)  # (Q, n_y)
+        sy = b[:, None] * self.fx.double() * (dx_mm / dy_mm)  # (Q, n_x)
+        out = self.shear_x(img, sx)
+        out = self.shear_y(out, sy)
+        out = self.shear_x(out, sx + theta[:, 0, None])
+        return self.shear_y(out, theta[:, 1, None].expand(-1, self.n_x))
+
+    def derivatives(self, g: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Derivatives of ``g = T(theta) x`` (rolled) by dx, dy [per px] and phi [per deg]."""
+        dy_mm, dx_mm = self.spacing
+        kx = (2j * math.pi / self.n_x) * self.fx.to(torch.complex64)
+        ky = (2j * math.pi / self.n_y) * self.fy.to(torch.complex64)
+        gx = torch.fft.ifft(torch.fft.fft(g, dim=-1) * kx, dim=-1)  # d g / d x [per px]
+        gy = torch.fft.ifft(torch.fft.fft(g, dim=-2) * ky[:, None], dim=-2)
+        x = (self.fx.double()[None, None, :] - theta[:, 0, None, None]) * (dx_mm / dy_mm)
+        y = (self.fy.double()[None, :, None] - theta[:, 1, None, None]) * (dy_mm / dx_mm)
+        d_phi = (math.pi / 180) * (y.to(torch.float32) * gx - x.to(torch.float32) * gy)
+        return -gx, -gy, d_phi
+
+
+def move_image(x: torch.Tensor, motion: torch.Tensor, spacing: Spacing) -> torch.Tensor:
+    """``T(theta) x``: rotate by ``phi``, then translate; equals :func:`kmotion.physics.apply_motion_image`.
+
+    ``x`` ``(P, n_y, n_x)`` centred, ``motion`` ``(P, 3)`` ``(dx_px, dy_px, phi_deg)``.
+    """
+    grid = _Grid(x.shape[-2], x.shape[-1], spacing, x.device)
+    return grid.unroll(grid.move(grid.roll(x), motion.to(x.device, torch.float64)))
+
+
+def compress_coils(
+    kspace: torch.Tensor, maps: torch.Tensor, n_virtual: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Project data and maps onto the ``n_virtual`` strongest virtual coils of each slice (SVD of the data).
+
+    ``kspace`` ``(B, n_coils, n_ky, n_kx)``, ``maps`` ``(B, n_coils, n_y, n_x)``.  The projection is a
+    partial unitary over coils, so the model ``y = M F C x`` and white noise keep their form
+    (array compression, Buehrer et al., MRM 2007).
+    """
+    n_c = kspace.shape[1]
+    if n_virtual >= n_c:
+        return kspace, maps
+    p = _coil_projection(kspace, n_virtual)
+    k = (p @ kspace.reshape(kspace.shape[0], n_c, -1)).reshape(kspace.shape[0], n_virtual, *kspace.shape[2:])
+    m = (p @ maps.reshape(maps.shape[0], n_c, -1).to(p.dtype)).reshape(
+        maps.shape[0], n_virtual, *maps.shape[2:]
+    )
+    return k, m
+
+
+def _coil_projection(kspace: torch.Tensor, n_virtual: int) -> torch.Tensor:
+    """``(B, n_virtual, n_coils)`` rows: the dominant left singular vectors of each slice's coil data."""
+    flat = kspace.reshape(kspace.shape[0], kspace.shape[1], -1).to(torch.complex64)
+    u, _, _ = torch.linalg.svd(flat @ flat.conj().transpose(1, 2))
+    return u[:, :, :n_virtual].conj().transpose(1, 2)
+
+
+@dataclass
+class ShotProblems:
+    """The samples of every non-empty shot, gathered once (``P`` shots, ``R`` = most rows of a shot).
+
+    Attributes
+    ----------
+    slice_index, shot_index
+        ``(P,)`` slice ``b`` and shot ``s`` of each problem.
+    rows
+        ``(P, R)`` grid rows of the shot (padded with its first row, ``weight`` 0 there).
+    weight
+        ``(P, R, 1, n_kx)`` 1 on acquired samples of the shot, else 0.
+    data
+        ``(P, R, n_coils, n_kx)`` the measured samples (zero where ``weight`` is 0), centred k-space.
+    n_samples
+        ``(P,)`` complex samples of each shot over all coils (the length of its residual).
+    """
+
+    slice_index: torch.Tensor
+    shot_index: torch.Tensor
+    rows: torch.Tensor
+    weight: torch.Tensor
+    data: torch.Tensor
+    n_samples: torch.Tensor
+
+    @classmethod
+    def from_masks(cls, kspace: torch.Tensor, shot_masks: torch.Tensor) -> ShotProblems:
+        """Gather from ``kspace`` ``(B, n_coils, n_ky, n_kx)`` and ``shot_masks`` ``(B, S, n_ky[, n_kx])``.
+
+        Raises
+        ------
+        InputError
+            For masks of the wrong shape or without any acquired sample.
+        """
+        b, n_c, n_y, n_x = kspace.shape
+        m = shot_masks.to(kspace.device, torch.bool)
+        if m.ndim == 3:
+            m = m[..., None].expand(*m.shape, n_x)
+        if m.ndim != 4 or m.shape[0] != b or tuple(m.shape[2:]) != (n_y, n_x):
+            raise InputError(
+                f"shot masks: expected (B, S, n_ky[, n_kx]) = ({b}, S, {n_y}[, {n_x}]), "
+                f"got {tuple(shot_masks.shape)}"
+            )
+        row_any = m.any(-1).cpu()  # (B, S, n_y)
+        pairs = [(i, j) for i in range(b) for j in range(m.shape[1]) if bool(row_any[i, j].any())]
+        if not pairs:
+            raise InputError("shot masks: expected at least one acquired sample, got none")
+        r_max = max(int(row_any[i, j].sum()) for i, j in pairs)
+        p = len(pairs)
+        rows = torch.zeros(p, r_max, dtype=torch.long)
+        weight = torch.zeros(p, r_max, 1, n_x, dtype=torch.float32, device=kspace.device)
+        for k, (i, j) in enumerate(pairs):
+            r = torch.nonzero(row_any[i, j]).flatten()
+            rows[k, :] = r[0]
+            rows[k, : r.numel()] = r
+            weight[k, : r.numel(), 0] = m[i, j, r.to(m.device)].float()
+        rows = rows.to(kspace.device)
+        bi = torch.tensor([i for i, _ in pairs], device=kspace.device)
+        si = torch.tensor([j for _, j in pairs], device=kspace.device)
+        data = kspace[bi[:, None], :, rows] * weight  # (P, R, C, n_x)
+        return cls(bi, si, rows, weight, data.to(torch.complex64), weight.sum((1, 2, 3)) * n_c)
+
+    def compressed(
+        self, kspace: torch.Tensor, maps: torch.Tensor, n_virtual: int
+    ) -> tuple[ShotProblems, torch.Tensor]:
+        """The same shots on ``n_virtual`` virtual coils of each slice, and the matching maps."""
+        n_c = kspace.shape[1]
+        if n_virtual >= n_c:
+            return self, maps
+        proj = _coil_projection(kspace, n_virtual)  # (B, V, C)
+        vmaps = (proj @ maps.reshape(maps.shape[0], n_c, -1).to(proj.dtype)).reshape(
+            maps.shape[0], n_virtual, *maps.shape[2:]
+        )
+        data = torch.einsum("pvc,prcx->prvx", proj[self.slice_index], self.data)
+        n = self.weight.sum((1, 2, 3)) * n_virtual
+        return ShotProblems(self.slice_index, self.shot_index, self.rows, self.weight, data, n), vmaps
+
+
+class _Encoder:
+    """``M_s F C`` of the problems: rolled images ``(Q, n_y, n_x)`` -> samples ``(Q, R, n_coils, n_kx)``.
+
+    Few rows per shot: the coil images are transformed along y to the shot's rows only (one matrix product)
+    and then along x.  Many rows (more than ``n_y / 8``): a full 2-D FFT and a gather.
+    """
+
+    def __init__(self, maps: torch.Tensor, problems: ShotProblems, grid: _Grid) -> None:
+        self.pb = problems
+        self.grid = grid
+        self.maps = grid.roll(maps.to(torch.complex64)).permute(0, 2, 1, 3).contiguous()  # (B, n_y, C, n_x)
+        n_y = grid.n_y
+        self.full = problems.rows.shape[1] > n_y // 8
+        if self.full:
+            self.plain_rows = (problems.rows - n_y // 2) % n_y  # row index in plain FFT order
+        else:
+            ky = (problems.rows - n_y // 2).double()  # (P, R) centred frequency
+            arg = (-2 * math.pi / n_y) * ky[:, :, None] * grid.fy.double()[None, None, :]
+            self.dft = (torch.complex(torch.cos(arg), torch.sin(arg)) / math.sqrt(n_y)).to(torch.complex64)
+
+    def __call__(self, img: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Rolled ``img`` ``(Q, n_y, n_x)`` of the problems ``index`` -> samples ``(Q, R, C, n_kx)``."""
+        pb = self.pb
+        slices = pb.slice_index[index]
+        first = int(slices[0])
+        if bool((slices == first).all()):  # one slice: broadcast its maps (no per-problem copy)
+            coil = self.maps[first][None] * img[:, :, None, :]  # (Q, n_y, C, n_x)
+        else:
+            coil = self.maps[slices] * img[:, :, None, :]
+        q, n_y, n_c, n_x = coil.shape
+        if self.full:
+            k = torch.fft.fft(coil, dim=1, norm="ortho")
+            rows = self.plain_rows[index]
+            k = torch.gather(k, 1, rows[:, :, None, None].expand(-1, -1, n_c, n_x))
+        else:
+            k = torch.matmul(self.dft[index], coil.reshape(q, n_y, n_c * n_x)).reshape(q, -1, n_c, n_x)
+        k = torch.fft.fftshift(torch.fft.fft(k, dim=-1, norm="ortho"), dim=-1)
+        return k * pb.weight[index]
+
+
+@dataclass
+class ShotFit:
+    """Result of :func:`fit_shots` for ``P`` shots (order of :class:`ShotProblems`).
+
+    ``motion`` ``(P, 3)`` ``(dx_px, dy_px, phi_deg)``; ``std`` ``(P, 3)`` standard errors (same units);
+    ``rss``/``rss_zero`` ``(P,)`` residual sums of squares at the estimate and at zero motion;
+    ``n_samples`` ``(P,)`` complex samples; ``hessian`` ``(P, 3, 3)`` ``Re J^H J``; ``statistic`` ``(P,)``
+    ``2 (rss_zero - rss) / noise_var`` (chi-square with 3 dof under no motion); ``noise_var`` ``(P,)`` the
+    noise variance used; ``ambiguous`` ``(P,)`` another, distinct pose explains the shot about as well.
+    """
+
+    motion: torch.Tensor
+    std: torch.Tensor
+    rss: torch.Tensor
+    rss_zero: torch.Tensor
+    n_samples: torch.Tensor
+    hessian: torch.Tensor
+    statistic: torch.Tensor
+    noise_var: torch.Tensor
+    ambiguous: torch.Tensor
+
+
+def _rss(residual: torch.Tensor) -> torch.Tensor:
+    return residual.abs().square().flatten(1).sum(1).double()
+
+
+class _Objective:
+    """Residuals, RSS and Gauss-Newton terms of the problems at given poses (chunked)."""
+
+    def __init__(
+        self,
+        reference: torch.Tensor,
+        maps: torch.Tensor,
+        problems: ShotProblems,
+        spacing: Spacing,
+        chunk: int,
+    ) -> None:
+        self.grid = _Grid(reference.shape[-2], reference.shape[-1], spacing, reference.device)
+        self.x = self.grid.roll(reference.to(torch.complex64))
+        self.pb = problems
+        self.enc = _Encoder(maps, problems, self.grid)
+        self.chunk = chunk
+
+    def rss(self, theta: torch.Tensor, q_all: torch.Tensor) -> torch.Tensor:
+        """RSS ``(Q,)`` of the problems ``q_all`` at poses ``theta`` ``(Q, 3)``."""
+        out = []
+        for c in range(0, len(q_all), self.chunk):
+            q = q_all[c : c + self.chunk]
+            g = self.grid.move(self.x[self.pb.slice_index[q]], theta[c : c + self.chunk])
+            out.append(_rss(self.pb.data[q] - self.enc(g, q)))
+        return torch.cat(out)
+
+    def normal(
+        self, theta: torch.Tensor, q_all: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``Re J^H J`` ``(Q, 3, 3)``, ``Re J^H r`` ``(Q, 3)`` and RSS ``(Q,)``."""
+        hs, bs, rs = [], [], []
+        for c in range(0, len(q_all), self.chunk):
+            q = q_all[c : c + self.chunk]
+            th = theta[c : c + self.chunk]
+            g = self.grid.move(self.x[self.pb.slice_index[q]], th)
+            r = (self.pb.data[q] - self.enc(g, q)).flatten(1)
+            js = torch.stack([self.enc(d, q) for d in self.grid.derivatives(g, th)], 1).flatten(2)
+            hs.append(torch.einsum("qin,qjn->qij", js.conj(), js).real.double())
+            bs.append(torch.einsum("qin,qn->qi", js.conj(), r).real.double())
+            rs.append(_rss(r))
+        return torch.cat(hs), torch.cat(bs), torch.cat(rs)
+
+
+def _neighbour_prior(motion: torch.Tensor, pb: ShotProblems) -> torch.Tensor:
+    """Median pose of the (up to) two shots before and after each shot of the same slice, by shot index."""
+    out = torch.zeros_like(motion)
+    for p in range(motion.shape[0]):
+        same = torch.nonzero(
+            (pb.slice_index == pb.slice_index[p]) & (pb.shot_index != pb.shot_index[p])
+        ).flatten()
+        if same.numel() == 0:
+            continue
+        dist = (pb.shot_index[same] - pb.shot_index[p]).abs()
+        near = same[dist.argsort()[:4]]
+        out[p] = motion[near].median(0).values
+    return out
+
+
+def fit_shots(
+    reference: torch.Tensor,
+    maps: torch.Tensor,
+    problems: ShotProblems,
+    candidates: torch.Tensor,
+    spacing: Spacing = (1.0, 1.0),
+    noise_var: torch.Tensor | float | None = None,
+    iterations: int = 15,
+    tolerance: float = 1e-3,
+    keep: int = 2,
+    ambiguity_chi2: float = 10.0,
+    use_neighbours: bool = True,
+    chunk: int = 8,
+) -> ShotFit:
+    """Least-squares pose of every shot (module docstring, steps 2-4).
+
+    Parameters
+    ----------
+    reference
+        ``(B, n_y, n_x)`` reference images (reference pose).
+    maps
+        ``(B, n_coils, n_y, n_x)`` coil maps (the coils of ``problems.data``).
+    problems
+        The shots' samples (:meth:`ShotProblems.from_masks`).
+    candidates
+        ``(P, K, 3)`` starting poses per shot (e.g. :func:`coarse_search`, a network's seed, zero).
+    spacing
+        ``(dy_mm, dx_mm)``.
+    noise_var
+        Complex noise variance per sample of the residual, scalar or ``(P,)``; None: the residual variance
+        ``rss / (n_samples - 1.5)`` of each shot.
+    iterations, tolerance
+        Levenberg-Marquardt iterations; a candidate stops when its step is below ``tolerance`` (px, deg).
+    keep
+        Only the ``keep`` candidates of lowest RSS of each shot are fitted (the others are ranked at their
+        starting pose).
+    ambiguity_chi2
+        Candidates within ``ambiguity_chi2 * noise_var / 2`` of the best RSS are equivalent (step 3).
+    use_neighbours
+        Resolve equivalent candidates by the neighbouring shots' poses (else: the smaller motion).
+    chunk
+        Problems encoded together (memory ~ ``chunk * 5 * n_coils * n_y * n_x`` complex samples).
+
+    Returns
+    -------
+    :class:`ShotFit`
+
+    Raises
+    ------
+    InputError
+        For candidates that do not match the problems.
+    """
+    pb = problems
+    p, k = candidates.shape[:2]
+    if p != pb.rows.shape[0] or candidates.shape[2] != 3:
+        raise InputError(
+            f"fit_shots: candidates must be ({pb.rows.shape[0]}, K, 3), got {tuple(candidates.shape)}"
+        )
+    dev = reference.device
+    obj = _Objective(reference, maps, pb, spacing, chunk)
+    theta = candidates.to(dev, torch.float64).reshape(p * k, 3).clone()
+    prob = torch.arange(p, device=dev).repeat_interleave(k)
+    active = torch.arange(p * k, device=dev)
+    mu = torch.full((p * k,), 1e-3, dtype=torch.float64, device=dev)
+    rss = torch.full((p * k,), math.inf, dtype=torch.float64, device=dev)
+    hess = torch.zeros(p * k, 3, 3, dtype=torch.float64, device=dev)
+    grad = torch.zeros(p * k, 3, dtype=torch.float64, device=dev)
+    fresh = torch.ones(p * k, dtype=torch.bool, device=dev)
+    if k > keep:  # pre-screen: only the ``keep`` candidates of lowest RSS of every shot are fitted
+        rss[:] = obj.rss(theta, prob)
+        order = rss.reshape(p, k).argsort(1)[:, :keep]
+        keep_mask = torch.zeros(p, k, dtype=torch.bool, device=dev)
+        keep_mask.scatter_(1, order, True)
+        active = active[keep_mask.flatten()]
+    for _ in range(iterations):
+        if active.numel() == 0:
+            break
+        need = active[fresh[active]]
+        if need.numel():
+            h, b, r = obj.normal(theta[need], prob[need])
+            hess[need], grad[need], rss[need] = h, b, r
+            fresh[need] = False
+        h = hess[active]
+        diag = torch.diagonal(h, dim1=1, dim2=2).clamp_min(1e-30)
+        step = torch.linalg.solve(h + torch.diag_embed(mu[active, None] * diag), grad[active][..., None])[
+            ..., 0
+        ]
+        trial = theta[active] + step
+        trial[:, 2] = trial[:, 2].clamp(-89.0, 89.0)
+        new_rss = obj.rss(trial, prob[active])
+        better = new_rss < rss[active]
+        acc = active[better]
+        theta[acc], rss[acc], fresh[acc] = trial[better], new_rss[better], True
+        mu[acc] = (mu[acc] / 3).clamp_min(1e-7)
+        mu[active[~better]] *= 4
+        done = (better & (step.abs() < tolerance).all(1)) | (~better & (mu[active] > 1e5))
+        active = active[~done]
+    rss_pk = rss.reshape(p, k)
+    theta_pk = theta.reshape(p, k, 3)
+    best = rss_pk.argmin(1)
+    ar = torch.arange(p, device=dev)
+    motion = theta_pk[ar, best]
+    every = ar
+    h, _, r = obj.normal(motion, every)
+    rss0 = obj.rss(torch.zeros_like(motion), every)
+    n = pb.n_samples.double().to(dev)
+    if noise_var is None:
+        nv = r / (n - 1.5).clamp_min(1.0)
+    else:
+        nv = torch.as_tensor(noise_var, dtype=torch.float64, device=dev).expand(p).clone()
+    # step 3: statistically equivalent candidates, resolved by the neighbours' poses
+    near = torch.isfinite(rss_pk) & (2 * (rss_pk - rss_pk[ar, best][:, None]) / nv[:, None] <= ambiguity_chi2)
+    dist_best = (theta_pk - motion[:, None]).abs().amax(-1)
+    ambiguous = (near & (dist_best > 0.5)).any(1)
+    if bool(ambiguous.any()):
+        for _ in range(2):
+            prior = _neighbour_prior(motion, pb) if use_neighbours else torch.zeros_like(motion)
+            d = (theta_pk - prior[:, None]).abs().sum(-1)
+            d = torch.where(near, d, torch.full_like(d, math.inf))
+            choice = d.argmin(1)
+            motion = torch.where(ambiguous[:, None], theta_pk[ar, choice], motion)
+        if bool((motion != theta_pk[ar, best]).any()):
+            h, _, r = obj.normal(motion, every)
+    eye = torch.eye(3, dtype=torch.float64, device=dev)
+    cov = torch.linalg.solve(h + 1e-12 * eye, eye.expand(p, 3, 3)) * (nv / 2)[:, None, None]
+    std = torch.diagonal(cov, dim1=1, dim2=2).clamp_min(0).sqrt()
+    stat = 2 * (rss0 - r).clamp_min(0) / nv
+    return ShotFit(motion, std, r, rss0, n, h, stat, nv, ambiguous)
+
+
+def coarse_search(
+    reference: torch.Tensor,
+    maps: torch.Tensor,
+    problems: ShotProblems,
+    angles_deg: torch.Tensor,
+    spacing: Spacing = (1.0, 1.0),
+    n_candidates: int = 2,
+    n_translations: int = 4,
+    max_translation_px: tuple[float, float] | None = None,
+    chunk: int = 8,
+) -> torch.Tensor:
+    """Candidate poses of every shot from a rotation grid, one inverse FFT per (shot, angle) (module step 1).
+
+    Parameters
+    ----------
+    reference, maps, problems, spacing
+        As :func:`fit_shots`.
+    angles_deg
+        ``(J,)`` the rotation grid [deg].
+    n_candidates
+        Angles kept per shot (best local maxima of the score over the grid).
+    n_translations
+        Translations kept per kept angle: the best local maxima of the score's profile along y.
+    max_translation_px
+        ``(max |dx|, max |dy|)`` searched [px]; None: the whole field of view.
+
+    Returns
+    -------
+    ``(P, n_candidates * n_translations, 3)`` poses ``(dx_px, dy_px, phi_deg)``, best first.
+    """
+    pb = problems
+    dev = reference.device
+    n_y, n_x = reference.shape[-2:]
+    p, r_max = pb.rows.shape
+    j = angles_deg.numel()
+    angles = angles_deg.to(dev, torch.float64)
+    lim_x, lim_y = max_translation_px if max_translation_px is not None else (n_x / 2, n_y / 2)
+    xx = centered_indices(n_x, dev, torch.float64)
+    x_keep = torch.nonzero(xx.abs() <= lim_x).flatten()
+    xs = xx[x_keep]
+    # translations along y on a fine grid (step 1/_Y_UPSAMPLE px): a narrow band's score oscillates with a
+    # period of n_y / |ky| px, too fast for the pixel grid
+    ys = torch.arange(
+        -math.floor(lim_y * _Y_UPSAMPLE), math.floor(lim_y * _Y_UPSAMPLE) + 1, device=dev
+    ).double()
+    ys = ys / _Y_UPSAMPLE
+    ky = (pb.rows - n_y // 2).double()  # (P, R)
+    arg = 2 * math.pi * ys[None, :, None] * ky[:, None, :] / n_y
+    idft = torch.complex(torch.cos(arg), torch.sin(arg)).to(torch.complex64)  # (P, n_ys, R)
+    s_best = torch.full((p, j, n_translations), -math.inf, dtype=torch.float64, device=dev)
+    t_best = torch.zeros(p, j, n_translations, 2, dtype=torch.float64, device=dev)
+    grid = _Grid(n_y, n_x, spacing, dev)
+    maps_r = grid.roll(maps.to(torch.complex64)).permute(0, 2, 1, 3)  # (B, n_y, C, n_x)
+    ref_r = grid.roll(reference.to(torch.complex64))
+    plain_rows = (pb.rows - n_y // 2) % n_y
+    for b in torch.unique(pb.slice_index).tolist():
+        probs = torch.nonzero(pb.slice_index == b).flatten()
+        for a0 in range(0, j, chunk):
+            ang = angles[a0 : a0 + chunk]
+            na = len(ang)
+            theta = torch.zeros(na, 3, dtype=torch.float64, device=dev)
+            theta[:, 2] = ang
+            rot = grid.move(ref_r[b].expand(na, n_y, n_x), theta)
+            kref = torch.fft.fft2(maps_r[b][None] * rot[:, :, None, :], dim=(1, 3), norm="ortho")
+            kr = kref[:, plain_rows[probs]]  # (A, Pb, R, C, n_x)
+            kr = (
+                torch.fft.fftshift(kr, dim=-1).transpose(0, 1) * pb.weight[probs][:, None]
+            )  # (Pb, A, R, C, n_x)
+            energy = kr.abs().square().sum((2, 3, 4)).double()  # (Pb, A)
+            cross = (pb.data[probs][:, None] * kr.conj()).sum(3)  # (Pb, A, R, n_x)
+            cx = (ifft1c(cross, -1) * math.sqrt(n_x))[..., x_keep]  # sum_kx X e^{+2 pi i kx x / n_x}
+            corr = torch.matmul(idft[probs][:, None], cx).real.double()  # (Pb, A, n_ys, n_xs)
+            score = 2 * corr - energy[..., None, None]
+            best_x, arg_x = score.max(-1)  # (Pb, A, n_ys): the profile along y
+            prof = torch.nn.functional.pad(best_x, (1, 1), value=-math.inf)
+            peak = (best_x >= prof[..., :-2]) & (best_x >= prof[..., 2:])
+            ranked_y = torch.where(peak, best_x, torch.full_like(best_x, -math.inf))
+            order_y = ranked_y.argsort(-1, descending=True)[..., :n_translations]
+            for t in range(order_y.shape[-1]):
+                iy = order_y[..., t]
+                ix = torch.gather(arg_x, -1, iy[..., None])[..., 0]
+                val = torch.gather(ranked_y, -1, iy[..., None])[..., 0]
+                s_best[probs, a0 : a0 + na, t] = val
+                t_best[probs, a0 : a0 + na, t, 0] = xs[ix] + _parabola(score, iy, ix, axis=1)
+                t_best[probs, a0 : a0 + na, t, 1] = ys[iy] + _parabola(score, iy, ix, axis=0) / _Y_UPSAMPLE
+    top = s_best[..., 0]
+    padded = torch.nn.functional.pad(top[:, None], (1, 1), value=-math.inf)[:, 0]
+    is_max = (top >= padded[:, :-2]) & (top >= padded[:, 2:]) & torch.isfinite(top)
+    ranked = torch.where(is_max, top, torch.full_like(top, -math.inf))
+    n_keep = min(n_candidates, j)
+    order = ranked.argsort(1, descending=True)[:, :n_keep]
+    out = torch.zeros(p, n_keep * n_translations, 3, dtype=torch.float64, device=dev)
+    ar = torch.arange(p, device=dev)
+    for c in range(n_keep):
+        a = order[:, c]
+        for t in range(n_translations):
+            i = c * n_translations + t
+            out[:, i, :2] = t_best[ar, a, t]
+            out[:, i, 2] = angles[a]
+            bad = ~torch.isfinite(ranked[ar, a]) | ~torch.isfinite(s_best[ar, a, t])
+            out[bad, i] = out[bad, 0]
+    return out
+
+
+def _parabola(score: torch.Tensor, iy: torch.Tensor, ix: torch.Tensor, axis: int) -> torch.Tensor:
+    """Sub-pixel offset of the peak at ``(iy, ix)`` of ``score`` ``(..., n_y, n_x)`` along ``axis`` (0: y)."""
+    n_y, n_x = score.shape[-2:]
+    flat = score.flatten(-2)
+
+    def at(dy: int, dx: int) -> torch.Tensor:
+        idx = ((iy + dy) % n_y) * n_x + (ix + dx) % n_x
+        return torch.gather(flat, -1, idx[..., None])[..., 0]
+
+    lo, mid, hi = (at(-1, 0), at(0, 0), at(1, 0)) if axis == 0 else (at(0, -1), at(0, 0), at(0, 1))
+    den = lo - 2 * mid + hi
+    ok = torch.isfinite(lo) & torch.isfinite(hi) & (den < 0)
+    off = torch.where(
+        ok, 0.5 * (lo - hi) / torch.where(ok, den, torch.full_like(den, -1.0)), torch.zeros_like(den)
+    )
+    return off.clamp(-0.5, 0.5)
