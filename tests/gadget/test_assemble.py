@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kmotion.gadget import AssembledSlice, SliceBuffer, assemble, buffer_slices
+from kmotion.gadget.assemble import EDGE_MARGIN
 from kmotion.physics.fft import fft1c, ifft1c
 
 N_KY, N_KX, N_C = 28, 32, 2
@@ -84,16 +85,25 @@ def test_assemble_flags_asymmetric_echo(ism, header) -> None:
         stream.append(ism.make_acq(k[:, r, 8:], r, segment=i // 4, center_sample=8))
     stream[-1].set_flag(ismrmrd.ACQ_LAST_IN_SLICE)
     a = _assembled(stream, header)
-    assert not a.correctable and "asymmetric echo" in a.reason
+    # issue 9: asymmetric echo is a supported protocol: correctable, named in the notes, and the sample
+    # mask holds exactly the acquired columns (no readout oversampling here, so no edge margin is needed
+    # beyond EDGE_MARGIN at the zero-filled edge)
+    assert a.correctable and "asymmetric echo" in a.notes
     np.testing.assert_allclose(a.kspace[:, rows, 8:], k[:, rows, 8:], rtol=1e-6, atol=1e-6)
     assert not np.any(a.kspace[:, :, :8])
+    m = a.samples()
+    assert m.shape == a.kspace.shape[1:]
+    assert m[rows].sum(1).tolist() == [N_KX - 8 - EDGE_MARGIN] * len(rows)
+    assert not m[rows, : 8 + EDGE_MARGIN].any() and m[rows, 8 + EDGE_MARGIN :].all()
+    assert not m[[r for r in range(N_KY) if r not in rows]].any()
 
 
 def test_assemble_flags_partial_fourier_in_y(ism, header) -> None:
     k = ism.known_kspace(N_C, N_KY, N_KX)
     rows = [r for r in ism.undersampled_rows(N_KY, 0) if r >= 8]
     a = _assembled(ism.slice_lines(k, rows, C_KY), header)
-    assert not a.correctable and "partial Fourier along y" in a.reason
+    assert a.correctable and "partial Fourier along y" in a.notes  # issue 9: a supported protocol
+    assert a.samples()[rows].all() and not a.samples()[:8].any()
 
 
 def test_assemble_flags_nan(ism, header) -> None:

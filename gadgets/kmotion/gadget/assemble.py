@@ -33,7 +33,10 @@ class AssembledSlice:
     arrival for averaged rows), ``acceleration`` and ``parity`` measured from the mask (acquired rows have
     ``(row - n_ky // 2) % acceleration == parity``), ``fov_mm``, ``pixel_spacing_mm`` and ``matrix`` in
     (y, x) order, geometry of the first acquisition.  ``correctable`` is False with a ``reason`` when the
-    slice cannot be motion corrected soundly (partial Fourier, asymmetric echo, NaN, incomplete, ...).
+    slice cannot be motion corrected soundly (NaN, incomplete, lines off the grid).  ``sample_mask``
+    ``(n_ky, n_kx)`` marks the samples that hold data (an asymmetric echo's zero-filled part is False;
+    readout columns within ``EDGE_MARGIN`` grid samples of a zero-filled edge too, because the readout crop
+    smears the edge); ``notes`` names the sampling (partial Fourier, asymmetric echo, missing lines).
     """
 
     key: SliceKey
@@ -51,6 +54,14 @@ class AssembledSlice:
     position: tuple[float, float, float]
     correctable: bool = True
     reason: str = ""
+    sample_mask: np.ndarray | None = None
+    notes: str = ""
+
+    def samples(self) -> np.ndarray:
+        """``(n_ky, n_kx)`` bool: the acquired samples (``sample_mask``, else every sample of the rows)."""
+        if self.sample_mask is not None:
+            return self.sample_mask
+        return np.broadcast_to(self.mask[:, None], self.kspace.shape[1:]).copy()
 
 
 def _vec3(v: Iterable[float]) -> tuple[float, float, float]:
@@ -107,8 +118,11 @@ def assemble(buffer: SliceBuffer, quiet: bool = False) -> AssembledSlice:
     kspace = np.zeros((n_ch.pop(), n_ky, n_ro), dtype=np.complex128)
     counts = np.zeros(n_ky, dtype=np.int64)
     segment = np.full(n_ky, -1, dtype=np.int64)
+    row_lo = np.full(n_ky, n_ro, dtype=np.int64)  # acquired columns [row_lo, row_hi) on the n_ro grid
+    row_hi = np.zeros(n_ky, dtype=np.int64)
     n_nonfinite = 0
     asymmetric = False
+    notes: list[str] = []
     for a, data, centre in lines:
         ky = int(a.idx.kspace_encode_step_1)
         row = ky - c_ky + n_ky // 2
@@ -123,13 +137,15 @@ def assemble(buffer: SliceBuffer, quiet: bool = False) -> AssembledSlice:
             n_nonfinite += int(bad.sum())
             data = np.where(bad, 0, data)
         kspace[:, row, col : col + data.shape[1]] += data
+        row_lo[row] = min(row_lo[row], col)
+        row_hi[row] = max(row_hi[row], col + data.shape[1])
         counts[row] += 1
         segment[row] = int(a.idx.segment)
     kspace /= np.maximum(counts, 1)[None, :, None]
     if n_nonfinite:
         reasons.append(f"{n_nonfinite} NaN/Inf samples (set to zero)")
     if asymmetric:
-        reasons.append("asymmetric echo (readout zero filled): partial Fourier along x")
+        notes.append("asymmetric echo (readout zero filled)")
 
     mask = counts > 0
     rows = np.flatnonzero(mask)
@@ -137,7 +153,7 @@ def assemble(buffer: SliceBuffer, quiet: bool = False) -> AssembledSlice:
     if rows.size:
         below, above = n_ky // 2 - int(rows[0]), int(rows[-1]) - n_ky // 2
         if abs(below - above) > max(accel, geo.acceleration):
-            reasons.append(
+            notes.append(
                 f"partial Fourier along y (acquired rows {int(rows[0])}..{int(rows[-1])} about centre "
                 f"row {n_ky // 2})"
             )
@@ -145,7 +161,7 @@ def assemble(buffer: SliceBuffer, quiet: bool = False) -> AssembledSlice:
         pattern = pattern[(pattern - n_ky // 2) % accel == parity]
         n_missing = int((~mask[pattern]).sum())
         if n_missing:
-            reasons.append(f"{n_missing} lines missing from the {accel}-fold pattern")
+            notes.append(f"{n_missing} lines missing from the {accel}-fold pattern")
 
     ks = torch.from_numpy(kspace.astype(np.complex64))
     if n_ro != n_x:
@@ -170,7 +186,27 @@ def assemble(buffer: SliceBuffer, quiet: bool = False) -> AssembledSlice:
         position=_vec3(first.position),
         correctable=not reasons,
         reason="; ".join(reasons),
+        sample_mask=_sample_mask(mask, row_lo, row_hi, n_ro, n_x) if asymmetric else None,
+        notes="; ".join(notes),
     )
+
+
+EDGE_MARGIN = 2
+"""Grid samples next to a zero-filled readout edge left out of ``AssembledSlice.sample_mask``."""
+
+
+def _sample_mask(mask: np.ndarray, lo: np.ndarray, hi: np.ndarray, n_ro: int, n_x: int) -> np.ndarray:
+    """``(n_ky, n_x)`` acquired samples: the columns ``[lo, hi)`` of the ``n_ro`` grid, on the ``n_x`` grid.
+
+    The readout crop keeps the k-space extent, so column ``i`` of the ``n_x`` grid sits at ``(i - n_x // 2)
+    * n_ro / n_x`` samples of the ``n_ro`` grid from its centre; columns within ``EDGE_MARGIN`` of a
+    zero-filled edge are left out (the crop smears the edge).
+    """
+    pos = (np.arange(n_x) - n_x // 2) * (n_ro / n_x) + n_ro // 2
+    step = n_ro / n_x
+    left = np.where(lo > 0, lo + EDGE_MARGIN * step, lo)
+    right = np.where(hi < n_ro, hi - 1 - EDGE_MARGIN * step, hi - 1)
+    return mask[:, None] & (pos[None, :] >= left[:, None]) & (pos[None, :] <= right[:, None])
 
 
 # write-back helpers (inverse of the placement in ``assemble``)
