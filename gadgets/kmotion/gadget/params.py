@@ -23,6 +23,13 @@ DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "default.safete
 
 _DEVICES = ("auto", "cpu", "cuda")
 _OUTPUTS = ("cartesian", "trajectory")
+_MOTION_MODELS = ("repetition", "shot", "auto")
+_FLOATS = {  # name: (minimum, exclusive maximum or None, words of the error)
+    "min_correction": (0.0, None, "a finite number >= 0"),
+    "false_alarm_rate": (0.0, 1.0, "a number in (0, 1)"),
+    "max_translation_mm": (0.0, None, "a finite number > 0"),
+    "max_rotation_deg": (0.0, 89.0, "a number in (0, 89)"),
+}
 _NONE_WORDS = ("", "none", "null", "default", "auto")
 
 
@@ -60,6 +67,18 @@ class GadgetParams:
     """Slices estimated together when several complete back to back."""
     sense_iterations: int = 20
     """Conjugate-gradient iterations of the cartesian correction."""
+    false_alarm_rate: float = 1e-3
+    """Nominal false-alarm rate of the significance test: a slice (or shot) is corrected only when its
+    likelihood-ratio statistic exceeds the chi-square (3 dof) quantile ``1 - false_alarm_rate``."""
+    max_translation_mm: float = 25.0
+    """Capture range of the translation search [mm] (real head motion reaches +-20 mm); estimates beyond it
+    are flagged and not corrected."""
+    max_rotation_deg: float = 18.0
+    """Capture range of the rotation search [deg] (real head motion reaches +-15 deg)."""
+    motion_model: str = "auto"
+    """``repetition`` (one pose per slice group, registered to a reference repetition), ``shot`` (one pose
+    per echo train), ``auto`` (``shot`` when a slice group holds more than one echo train and no reference
+    repetition is expected, see ``docs/intra_scan.md``)."""
 
     def __post_init__(self) -> None:
         if self.model is not None and not isinstance(self.model, str | Path):
@@ -70,9 +89,13 @@ class GadgetParams:
             raise _bad("device", "auto, cpu, cuda or cuda:N", self.device)
         if self.output not in _OUTPUTS:
             raise _bad("output", "cartesian or trajectory", self.output)
-        mc = self.min_correction
-        if isinstance(mc, bool) or not isinstance(mc, int | float) or not math.isfinite(mc) or mc < 0:
-            raise _bad("min_correction", "a finite number >= 0", mc)
+        for name, (lo, hi, words) in _FLOATS.items():
+            v = getattr(self, name)
+            bad_type = isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)
+            if bad_type or v < lo or (name != "min_correction" and v == lo) or (hi is not None and v >= hi):
+                raise _bad(name, words, v)
+        if self.motion_model not in _MOTION_MODELS:
+            raise _bad("motion_model", "repetition, shot or auto", self.motion_model)
         if self.reference_repetition is not None:
             _as_int("reference_repetition", self.reference_repetition, 0)
         _as_int("batch_slices", self.batch_slices, 1)
@@ -106,13 +129,13 @@ class GadgetParams:
                 kwargs[name] = None
             elif name == "model":
                 kwargs[name] = text
-            elif name in ("device", "output"):
+            elif name in ("device", "output", "motion_model"):
                 kwargs[name] = text.lower()
-            elif name == "min_correction":
+            elif name in _FLOATS:
                 try:
                     kwargs[name] = float(text)
                 except ValueError:
-                    raise _bad(name, "a finite number >= 0", value) from None
+                    raise _bad(name, _FLOATS[name][2], value) from None
             else:
                 minimum = 0 if name == "reference_repetition" else 1
                 kwargs[name] = _as_int(name, value if isinstance(value, int) else text, minimum)
