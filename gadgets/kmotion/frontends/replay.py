@@ -11,15 +11,19 @@
 * ``/dataset/images_uncorrected`` and ``/dataset/images_corrected``: one magnitude image per slice group,
   :func:`kmotion.gadget.recon.reconstruct_images` of the input stream and of the output stream (same
   reconstruction for both; image series 1 and 2);
-* ``/kmotion/motion_estimates``: one row per estimated (slice, contrast, repetition, set) (fields as the CSV
-  below; its attribute ``json`` holds ``MotionReport.as_dict()`` of every report);
-* ``/kmotion/true_motion``: copied from the input when present (files of ``kmotion simulate-raw``).
+* ``/dataset/kmotion_motion_estimates``: one row per estimated slice group (fields as the CSV below; its
+  attribute ``json`` holds ``MotionReport.as_dict()`` of every report);
+* ``/dataset/kmotion_true_motion``: copied from the input when present (files of ``kmotion simulate-raw``).
 
-``--motion-csv PATH`` writes the same rows as CSV: ``slice, contrast, repetition, set,
-reference_repetition, dx_px, dy_px, rot_deg, dx_mm, dy_mm, patient_x_mm, patient_y_mm, patient_z_mm,
-flagged, corrected, reason`` and, when the input holds the true motion, ``true_dx_px, true_dy_px,
-true_rot_deg, true_dx_mm, true_dy_mm`` (the truth of the repetition relative to the report's reference
-repetition, composed from the stored per-repetition truth).
+Both tables live inside the ISMRMRD group, so the file has one top-level group and readers that take the last
+(mrpro) or the only group (FIRE tools) open the raw data (:mod:`kmotion.io.estimates`).
+
+``--motion-csv PATH`` writes the same rows as CSV (:data:`kmotion.io.estimates.CSV_COLUMNS`): ``slice,
+contrast, phase, repetition, set, reference_repetition, dx_px, dy_px, rot_deg, dx_std_px, dy_std_px,
+rot_std_deg, dx_mm, dy_mm, patient_x_mm, patient_y_mm, patient_z_mm, chi2, p_value, flagged, corrected,
+method, reason`` and, when the input holds the true motion, ``true_dx_px, true_dy_px, true_rot_deg,
+true_dx_mm, true_dy_mm`` (the truth of the repetition relative to the report's reference repetition, composed
+from the stored per-repetition truth).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from tqdm import tqdm
 
 from kmotion.gadget import GadgetParams, MotionReport, motion_correct
 from kmotion.gadget.recon import reconstruct_images
-from kmotion.io.estimates import TRUE_COLUMNS, write_estimates, write_motion_csv
+from kmotion.io.estimates import TRUE_COLUMNS, row_from_report, write_estimates, write_motion_csv
 from kmotion.io.ismrmrd_h5 import parse_encoding
 from kmotion.io.ismrmrd_reader import open_ismrmrd
 from kmotion.io.ismrmrd_writer import IsmrmrdWriter, TrueMotion, read_true_motion, write_true_motion
@@ -97,30 +101,15 @@ def estimate_rows(
     truth: Sequence[TrueMotion] | None = None,
     spacing_mm: tuple[float, float] = (1.0, 1.0),
 ) -> list[dict[str, Any]]:
-    """One CSV row (dict, keys :data:`~kmotion.io.estimates.CSV_COLUMNS` [+ ``TRUE_COLUMNS``]) per report."""
+    """One table row per report: ``MotionReport.as_dict()``, typed by
+    :func:`~kmotion.io.estimates.row_from_report` (keys :data:`~kmotion.io.estimates.CSV_COLUMNS` and any
+    newer report key) [+ ``TRUE_COLUMNS``]."""
     by_key = {(t.slice, t.repetition): t for t in truth} if truth else {}
     rows = []
     for rep in reports:
-        key = rep.key
-        pat = tuple(float(v) for v in (rep.patient_mm if rep.patient_mm is not None else (math.nan,) * 3))
-        row: dict[str, Any] = {
-            "slice": int(key.slice),
-            "contrast": int(key.contrast),
-            "repetition": int(key.repetition),
-            "set": int(key.set),
-            "reference_repetition": -1 if rep.reference_repetition is None else int(rep.reference_repetition),
-            "dx_px": float(rep.dx_px),
-            "dy_px": float(rep.dy_px),
-            "rot_deg": float(rep.rot_deg),
-            "dx_mm": float(rep.dx_mm),
-            "dy_mm": float(rep.dy_mm),
-            "patient_x_mm": pat[0],
-            "patient_y_mm": pat[1],
-            "patient_z_mm": pat[2],
-            "flagged": bool(rep.flagged),
-            "corrected": bool(rep.corrected),
-            "reason": str(rep.reason or ""),
-        }
+        d = rep.as_dict()
+        d.setdefault("phase", int(getattr(rep.key, "phase", 0)))
+        row = row_from_report(d)
         if truth is not None:
             t_rep = by_key.get((row["slice"], row["repetition"]))
             t_ref = by_key.get((row["slice"], row["reference_repetition"]))
@@ -193,7 +182,7 @@ def replay(
     if out.resolve() == src.path.resolve():
         raise InputError(f"{out}: the output file must differ from the input file")
     params = GadgetParams() if params is None else params
-    truth = read_true_motion(src.path)
+    truth = read_true_motion(src.path, dataset)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists():
         out.unlink()
@@ -248,9 +237,9 @@ def replay(
             f"{counts['acq']} and {counts['wave']} out"
         )
     rows = estimate_rows(reports, truth, _spacing(src.header))
-    write_estimates(out, rows, [r.as_dict() for r in reports])
+    write_estimates(out, rows, [r.as_dict() for r in reports], dataset)
     if truth is not None:
-        write_true_motion(out, truth)
+        write_true_motion(out, truth, dataset)
     if motion_csv is not None:
         write_motion_csv(rows, motion_csv)
     return ReplayResult(

@@ -2,11 +2,13 @@
 
 :class:`IsmrmrdWriter` (and :func:`write_stream`) store a header and a stream of acquisitions, waveforms and
 images in an ISMRMRD ``.h5`` file, in chunks.  The true rigid motion of simulated data (:class:`TrueMotion`,
-one row per (slice, repetition)) is stored in two places: the HDF5 dataset ``/kmotion/true_motion``
-(:data:`TRUTH_DATASET`, outside the ISMRMRD group; :func:`write_true_motion`, :func:`read_true_motion`) — a
-structured array with fields ``slice, repetition, dx_px, dy_px, phi_deg, dx_mm, dy_mm`` — and the header's
-``userParameterString`` ``kmotion.true_motion`` (:data:`TRUTH_USER_PARAMETER`, the same rows as JSON, so it
-also travels in an MRD stream; :func:`true_motion_from_header`).
+one row per (slice, repetition)) is stored in two places: the HDF5 dataset ``/dataset/kmotion_true_motion``
+(:func:`truth_path`; inside the ISMRMRD group, so the file keeps one top-level group and readers that take
+the last or the only group open the raw data; :func:`write_true_motion`, :func:`read_true_motion`, which also
+reads the ``/kmotion/true_motion`` of files written by earlier versions) — a structured array with fields
+``slice, repetition, dx_px, dy_px, phi_deg, dx_mm, dy_mm`` — and the header's ``userParameterString``
+``kmotion.true_motion`` (:data:`TRUTH_USER_PARAMETER`, the same rows as JSON, so it also travels in an MRD
+stream; :func:`true_motion_from_header`).
 """
 
 from __future__ import annotations
@@ -22,18 +24,22 @@ import ismrmrd.xsd
 import numpy as np
 
 __all__ = [
-    "TRUTH_DATASET",
+    "LEGACY_TRUTH_DATASET",
+    "TRUTH_NAME",
     "TRUTH_USER_PARAMETER",
     "IsmrmrdWriter",
     "TrueMotion",
     "read_true_motion",
     "true_motion_from_header",
+    "truth_path",
     "write_stream",
     "write_true_motion",
 ]
 
-TRUTH_DATASET = "kmotion/true_motion"
-"""HDF5 path of the true motion (outside the ISMRMRD group) written by :func:`write_true_motion`."""
+TRUTH_NAME = "kmotion_true_motion"
+"""Name of the true-motion dataset inside the ISMRMRD group (:func:`truth_path`)."""
+LEGACY_TRUTH_DATASET = "kmotion/true_motion"
+"""Where earlier versions stored the true motion (in a top-level group; still read)."""
 TRUTH_USER_PARAMETER = "kmotion.true_motion"
 """Name of the header's ``userParameterString`` holding the true motion as JSON."""
 
@@ -177,13 +183,19 @@ class IsmrmrdWriter:
         self.close()
 
 
-def write_true_motion(path: str | Path, truth: Sequence[TrueMotion]) -> None:
-    """Store ``truth`` as the structured dataset ``/kmotion/true_motion`` of an HDF5 file (replacing it)."""
+def truth_path(dataset: str = "dataset") -> str:
+    """HDF5 path of the true motion of the ISMRMRD group ``dataset``: ``"<dataset>/kmotion_true_motion"``."""
+    return f"{dataset}/{TRUTH_NAME}"
+
+
+def write_true_motion(path: str | Path, truth: Sequence[TrueMotion], dataset: str = "dataset") -> None:
+    """Store ``truth`` as the structured dataset ``/<dataset>/kmotion_true_motion`` (replacing it)."""
     arr = np.array([tuple(asdict(t).values()) for t in truth], dtype=_TRUTH_DTYPE)
+    name = truth_path(dataset)
     with h5py.File(path, "a") as f:
-        if TRUTH_DATASET in f:
-            del f[TRUTH_DATASET]
-        d = f.create_dataset(TRUTH_DATASET, data=arr)
+        if name in f:
+            del f[name]
+        d = f.create_dataset(name, data=arr)
         d.attrs["description"] = (
             "true rigid in-plane motion per (slice, repetition) relative to repetition 0: g(r) = "
             "f(R(phi)^-1 (r - t)); dx/dy in pixels of the recon grid and in mm, phi in degrees "
@@ -191,12 +203,14 @@ def write_true_motion(path: str | Path, truth: Sequence[TrueMotion]) -> None:
         )
 
 
-def read_true_motion(path: str | Path) -> list[TrueMotion] | None:
-    """The ``/kmotion/true_motion`` rows of an HDF5 file, or None when the file has none."""
+def read_true_motion(path: str | Path, dataset: str = "dataset") -> list[TrueMotion] | None:
+    """The true-motion rows of an HDF5 file (``/<dataset>/kmotion_true_motion``, or the older
+    ``/kmotion/true_motion``), or None when the file has none."""
     with h5py.File(path, "r") as f:
-        if TRUTH_DATASET not in f:
+        name = next((n for n in (truth_path(dataset), LEGACY_TRUTH_DATASET) if n in f), None)
+        if name is None:
             return None
-        arr = f[TRUTH_DATASET][()]
+        arr = f[name][()]
     return [
         TrueMotion(int(a["slice"]), int(a["repetition"]), *(float(a[k]) for k in _TRUTH_FLOATS)) for a in arr
     ]

@@ -31,7 +31,7 @@ What is simulated (defaults of :class:`RawConfig`)
 
 Where the truth is stored
 -------------------------
-In the file (:func:`write_raw`): the HDF5 dataset ``/kmotion/true_motion`` (outside the ISMRMRD group), a
+In the file (:func:`write_raw`): the HDF5 dataset ``/dataset/kmotion_true_motion`` (in the ISMRMRD group), a
 structured array with one row per (slice, repetition) and fields ``slice, repetition, dx_px, dy_px,
 phi_deg, dx_mm, dy_mm``.  In the header (so it also travels in an MRD stream): ``userParameters`` string
 ``kmotion.true_motion`` holding the same rows as JSON.  Both formats are :mod:`kmotion.io.ismrmrd_writer`'s.
@@ -492,5 +492,5 @@ def write_raw(raw: RawAcquisition, path: str | Path, dataset: str = "dataset") -
     if p.exists():
         p.unlink()
     write_stream(p, raw.header, raw.items, dataset)
-    write_true_motion(p, raw.truth)
+    write_true_motion(p, raw.truth, dataset)
     return p
