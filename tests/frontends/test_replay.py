@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import math
+import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import h5py
@@ -13,7 +16,7 @@ import pytest
 
 from kmotion.cli import main
 from kmotion.frontends.replay import CORRECTED, UNCORRECTED, _relative_truth
-from kmotion.io.estimates import CSV_COLUMNS, TRUE_COLUMNS, read_estimates
+from kmotion.io.estimates import CSV_COLUMNS, TRUE_COLUMNS, read_estimates, read_motion_csv
 from kmotion.io.ismrmrd_reader import open_ismrmrd, read_images
 from kmotion.io.ismrmrd_writer import TrueMotion, read_true_motion
 from kmotion.simulation.raw import RawConfig, simulate_raw, write_raw
@@ -163,3 +166,112 @@ def test_open_ismrmrd_merges_waveforms_by_time(tmp_path: Path) -> None:
     assert len(items) == len(raw.items)
     kinds = [type(i).__name__ for i in items]
     assert kinds == [type(i).__name__ for i in raw.items]  # waveforms where they were streamed
+
+
+# ---- the output as the ecosystem opens it -----------------------------------------------------------------
+
+
+def _last_group_like_mrpro(path: Path) -> tuple[str, int]:
+    """What mrpro's ``KData.from_file(dataset_idx=-1)`` opens: ``ismrmrd.File``, ``list(keys())[-1]``.
+
+    Returns the group's name and its number of acquisitions (0 when it holds none).
+    """
+    with ismrmrd.File(str(path), "r") as f:
+        name = list(f.keys())[-1]
+        acqs = f[name].acquisitions
+        return name, 0 if acqs is None else len(acqs)
+
+
+def test_readers_that_take_the_last_group_open_the_raw_data(
+    replayed: dict[str, Path], tmp_path: Path
+) -> None:
+    n_in = open_ismrmrd(replayed["raw"]).n_acquisitions
+    for path in (replayed["raw"], replayed["out"]):  # simulate-raw's truth and replay's estimates alike
+        with h5py.File(path, "r") as f:
+            assert list(f.keys()) == ["dataset"]  # one top-level group: "last", "first" and "only" agree
+            assert sorted(f.keys())[-1] == "dataset"
+        assert _last_group_like_mrpro(path) == ("dataset", n_in)
+    with ismrmrd.File(str(replayed["out"]), "r") as f:  # ismrmrd.File's default access of the group
+        ds = f["dataset"]
+        assert ds.header.encoding[0].encodedSpace.matrixSize.y == 128
+        assert len(ds.acquisitions) == n_in and ds.waveforms is not None and len(ds.waveforms) == 3
+        assert "kmotion_motion_estimates" not in list(ds)  # sub-groups only: our tables are not listed
+        assert f.find_images() == {f"dataset/{UNCORRECTED}", f"dataset/{CORRECTED}"}
+
+    # the layout of earlier versions (a top-level /kmotion group) misleads such readers; still read by us
+    old = tmp_path / "old_layout.h5"
+    old.write_bytes(replayed["out"].read_bytes())
+    with h5py.File(old, "a") as f:
+        f.move("dataset/kmotion_motion_estimates", "kmotion/motion_estimates")
+        f.move("dataset/kmotion_true_motion", "kmotion/true_motion")
+    assert _last_group_like_mrpro(old) == ("kmotion", 0)
+    assert repr(read_estimates(old)) == repr(read_estimates(replayed["out"]))  # repr: NaN == NaN
+    assert read_true_motion(old) == read_true_motion(replayed["out"])
+
+
+_CPP_TOOLS = (
+    "ismrmrd_generate_cartesian_shepp_logan",
+    "ismrmrd_recon_cartesian_2d",
+    "ismrmrd_read_timing_test",
+    "ismrmrd_test_xml",
+)
+needs_cpp_tools = pytest.mark.skipif(
+    not all(shutil.which(t) for t in _CPP_TOOLS),
+    reason="ISMRMRD C++ tools absent (Debian: apt-get install ismrmrd-tools; .ci/run installs them)",
+)
+
+
+def _cpp(*args: str) -> str:
+    """Run an ISMRMRD C++ tool; its stdout (a failure shows the tool's stderr)."""
+    r = subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0, f"{args[0]} exit {r.returncode}: {r.stderr[-2000:]}"
+    return r.stdout
+
+
+def _cpp_reads(path: Path, tmp_path: Path) -> None:
+    """The ISMRMRD C++ library reads every acquisition of ``path`` and reconstructs it (on a copy)."""
+    copy = tmp_path / f"cpp_{path.name}"
+    copy.write_bytes(path.read_bytes())
+    n = open_ismrmrd(path).n_acquisitions
+    _cpp("ismrmrd_read_timing_test", str(copy))
+    out = _cpp("ismrmrd_recon_cartesian_2d", str(copy))
+    assert re.search(rf"Number of acquisitions\s*:\s*{n}\b", out), out
+    (img,) = read_images(copy, "cpp")  # the C++ recon's image, written into the same group
+    enc = open_ismrmrd(path).header.encoding[0].reconSpace.matrixSize
+    assert img.data.shape[-2:] == (enc.y, enc.x) and np.isfinite(img.data).all() and img.data.max() > 0
+
+
+@needs_cpp_tools
+def test_cpp_ismrmrd_tools_read_the_replay_output(replayed: dict[str, Path], tmp_path: Path) -> None:
+    _cpp_reads(replayed["out"], tmp_path)
+    # the C++ library's XML parser accepts the header we write
+    xml = tmp_path / "header.xml"
+    with h5py.File(replayed["out"], "r") as f:
+        xml.write_bytes(f["dataset/xml"][0])
+    _cpp("ismrmrd_test_xml", str(xml))
+
+
+@needs_cpp_tools
+def test_shepp_logan_of_the_cpp_tool_through_replay(tmp_path: Path) -> None:
+    """An input written by the ISMRMRD project's own generator (a noise line, then 4 repetitions of R = 2
+    interleaved between repetitions, 16 calibration lines): every acquisition comes out and the output stays
+    readable by the C++ library."""
+    raw = tmp_path / "shepp_logan.h5"
+    _cpp(
+        "ismrmrd_generate_cartesian_shepp_logan",
+        *("-m", "128", "-c", "4", "-r", "2", "-a", "2", "-w", "16", "-C", "-o", str(raw)),
+    )
+    out, csv_path = tmp_path / "out.h5", tmp_path / "m.csv"
+    args = ["replay", str(raw), str(out), "--motion-csv", str(csv_path), "--device", "cpu", "--no-progress"]
+    assert main(args) == 0
+    src, dst = _acqs(raw), _acqs(out)
+    assert len(src) == 1 + 4 * (128 // 2 + 16 // 2) and len(dst) == len(src)
+    assert sorted(map(_counters, dst)) == sorted(map(_counters, src))  # the same lines
+    assert all(b.data.shape == (4, 256) and np.isfinite(b.data).all() for b in dst)
+    noise = [a for a in dst if a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)]
+    assert len(noise) == 1 and np.array_equal(noise[0].data, src[0].data)  # passed through untouched
+    rows = read_estimates(out)
+    assert sorted(r["repetition"] for r in rows) == [0, 1, 2, 3] and all(r["phase"] == 0 for r in rows)
+    assert len(read_motion_csv(csv_path)) == len(rows)
+    assert _last_group_like_mrpro(out) == ("dataset", len(src))
+    _cpp_reads(out, tmp_path)
