@@ -20,17 +20,15 @@ Returned grid (see :func:`load_ismrmrd_h5`)
 from __future__ import annotations
 
 import math
-import xml.etree.ElementTree as ET
-from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import ismrmrd
-import ismrmrd.xsd
 import numpy as np
 import torch
 
 from kmotion.io.base import BaseImages, check_file
+from kmotion.io.ismrmrd_header import HeaderEncoding, encoding_of, read_header
 from kmotion.physics.fft import ifft2c
 from kmotion.physics.validate import InputError
 
@@ -69,70 +67,6 @@ _IMAGE_DIMS = (
 )
 
 
-@dataclass(frozen=True)
-class HeaderEncoding:
-    """The parts of an ISMRMRD header's first ``<encoding>`` that the loaders use (x, y, z order)."""
-
-    encoded_matrix: tuple[int, int, int]
-    encoded_fov_mm: tuple[float, float, float]
-    recon_matrix: tuple[int, int, int]
-    recon_fov_mm: tuple[float, float, float]
-    step1_limits: tuple[int, int, int] | None  # (minimum, maximum, center) of kspace_encoding_step_1
-    trajectory: str
-
-
-def _xsd_encoding(xml: bytes | str) -> HeaderEncoding | None:
-    hdr = ismrmrd.xsd.CreateFromDocument(xml)
-    if not hdr.encoding:
-        return None
-    enc = hdr.encoding[0]
-    es, rs = enc.encodedSpace, enc.reconSpace
-    lim = enc.encodingLimits.kspace_encoding_step_1 if enc.encodingLimits is not None else None
-    traj = enc.trajectory.value if hasattr(enc.trajectory, "value") else str(enc.trajectory)
-    return HeaderEncoding(
-        (int(es.matrixSize.x), int(es.matrixSize.y), int(es.matrixSize.z)),
-        (float(es.fieldOfView_mm.x), float(es.fieldOfView_mm.y), float(es.fieldOfView_mm.z)),
-        (int(rs.matrixSize.x), int(rs.matrixSize.y), int(rs.matrixSize.z)),
-        (float(rs.fieldOfView_mm.x), float(rs.fieldOfView_mm.y), float(rs.fieldOfView_mm.z)),
-        None if lim is None else (int(lim.minimum), int(lim.maximum), int(lim.center)),
-        traj,
-    )
-
-
-def _et_encoding(xml: bytes | str) -> HeaderEncoding | None:
-    """Namespace-agnostic fallback for headers the strict schema parser refuses (e.g. other versions)."""
-    root = ET.fromstring(xml)
-
-    def child(el: ET.Element | None, name: str) -> ET.Element | None:
-        if el is None:
-            return None
-        return next((c for c in el if c.tag.rsplit("}", 1)[-1] == name), None)
-
-    def text(el: ET.Element | None, *names: str) -> str:
-        for n in names:
-            el = child(el, n)
-        if el is None or el.text is None:
-            raise KeyError("/".join(names))
-        return el.text.strip()
-
-    enc = child(root, "encoding")
-    if enc is None:
-        return None
-
-    def space(name: str) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
-        sp = child(enc, name)
-        m = tuple(int(text(sp, "matrixSize", a)) for a in "xyz")
-        f = tuple(float(text(sp, "fieldOfView_mm", a)) for a in "xyz")
-        return (m[0], m[1], m[2]), (f[0], f[1], f[2])
-
-    lim_el = child(child(enc, "encodingLimits"), "kspace_encoding_step_1")
-    lim = None
-    if lim_el is not None:
-        lim = (int(text(lim_el, "minimum")), int(text(lim_el, "maximum")), int(text(lim_el, "center")))
-    (em, ef), (rm, rf) = space("encodedSpace"), space("reconSpace")
-    return HeaderEncoding(em, ef, rm, rf, lim, text(enc, "trajectory"))
-
-
 def check_ismrmrd_file(path: str | Path, dataset: str = "dataset") -> tuple[str, list[str], dict[str, int]]:
     """Check that ``path`` is an ISMRMRD HDF5 file with a ``dataset`` group holding an XML header.
 
@@ -160,34 +94,17 @@ def check_ismrmrd_file(path: str | Path, dataset: str = "dataset") -> tuple[str,
 
 
 def parse_encoding(xml: bytes | str, source: str) -> HeaderEncoding:
-    """Parse the first encoding of an ISMRMRD XML header.
+    """Parse the first encoding of an ISMRMRD XML header, leniently.
 
-    Uses ``ismrmrd.xsd.CreateFromDocument``; headers that the strict schema parser refuses are read
-    with a namespace-agnostic ElementTree fallback.  Raises :class:`InputError` naming ``source`` if
-    the header is not XML, has no ``<encoding>`` or lacks encodedSpace / reconSpace fields.
+    The header is read by :func:`~kmotion.io.ismrmrd_header.read_header` (the strict schema parser, else
+    the documented defaults for what older writers and other tools leave out).  Raises
+    :class:`InputError` naming ``source`` if the header is not XML, cannot be read even with defaults, has
+    no ``<encoding>`` or an encodedSpace without a positive matrix and FOV.
     """
-    try:
-        result = _xsd_encoding(xml)
-    except Exception:
-        try:
-            result = _et_encoding(xml)
-        except ET.ParseError as e:
-            raise InputError(
-                f"{source}: ISMRMRD XML header: expected valid XML, got a parse error ({e})"
-            ) from e
-        except (KeyError, ValueError, TypeError) as e:
-            raise InputError(
-                f"{source}: ISMRMRD XML header: encoding is missing or has a bad field ({e}); expected "
-                "encodedSpace and reconSpace with matrixSize and fieldOfView_mm"
-            ) from e
-    if result is None:
-        raise InputError(f"{source}: ISMRMRD XML header: expected at least one <encoding>, got none")
-    if min(result.encoded_matrix) < 1 or min(result.encoded_fov_mm[:2]) <= 0:
-        raise InputError(
-            f"{source}: ISMRMRD XML header: encodedSpace: expected positive matrixSize and fieldOfView_mm, "
-            f"got matrix {result.encoded_matrix}, FOV {result.encoded_fov_mm}"
-        )
-    return result
+    got = read_header(xml, source)
+    if got.header is None:
+        raise InputError(str(got.problem))
+    return encoding_of(got.header, source)
 
 
 def centred_length(n_kept: int, centre: int) -> int:
