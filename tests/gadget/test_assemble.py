@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from kmotion.gadget import AssembledSlice, SliceBuffer, assemble, buffer_slices
-from kmotion.gadget.assemble import EDGE_MARGIN
+from kmotion.gadget.assemble import EDGE_MARGIN, line_layout
+from kmotion.gadget.correct import add_delta, ramp_lines
 from kmotion.physics.fft import fft1c, ifft1c
 
 N_KY, N_KX, N_C = 28, 32, 2
@@ -113,3 +114,72 @@ def test_assemble_flags_nan(ism, header) -> None:
     a = _assembled(ism.slice_lines(k, rows, C_KY), header)
     assert not a.correctable and "NaN" in a.reason
     assert np.isfinite(a.kspace).all()
+
+
+# --- reversed readouts (ACQ_IS_REVERSE): flipped in assembly, flipped back on write-back ----------------
+
+
+def _reversed_stream(ism, k: np.ndarray, rows: list[int], pre: int, post: int, asym: int) -> list[object]:
+    """Every second line read with the reversed gradient: samples stored in time order, i.e. the k-space
+    row reversed, with ``pre``/``post`` extra samples discarded at the start/end *in time*; the first
+    ``asym`` k-space columns not acquired (asymmetric echo).  ``center_sample`` in k-space order."""
+    n_c, _, n_kx = k.shape
+    rng = np.random.default_rng(5)
+    stream = []
+    for i, r in enumerate(rows):
+        kept = k[:, r, asym:]  # k-space order
+        junk_pre = (rng.standard_normal((n_c, pre)) * 100).astype(np.complex64)
+        junk_post = (rng.standard_normal((n_c, post)) * 100).astype(np.complex64)
+        if i % 2:
+            raw = np.concatenate([junk_pre, kept[:, ::-1], junk_post], axis=1)  # time order
+            centre = post + n_kx // 2 - asym  # in k-space order: junk_post first after the reversal
+        else:
+            raw = np.concatenate([junk_pre, kept, junk_post], axis=1)
+            centre = pre + n_kx // 2 - asym
+        acq = ism.make_acq(raw, r, segment=i // 4, center_sample=centre)
+        acq.discard_pre, acq.discard_post = pre, post
+        if i % 2:
+            acq.set_flag(ismrmrd.ACQ_IS_REVERSE)
+        stream.append(acq)
+    stream[-1].set_flag(ismrmrd.ACQ_LAST_IN_SLICE)
+    return stream
+
+
+@pytest.mark.parametrize(("pre", "post", "asym"), [(0, 0, 0), (3, 5, 0), (2, 4, 6)])
+def test_reversed_lines_assemble_as_the_unreversed(ism, header, pre: int, post: int, asym: int) -> None:
+    k = ism.known_kspace(N_C, N_KY, N_KX, seed=4)
+    rows = ism.undersampled_rows(N_KY, 0)
+    a = _assembled(_reversed_stream(ism, k, rows, pre, post, asym), header)
+    assert a.correctable, a.reason
+    np.testing.assert_allclose(a.kspace[:, rows, asym:], k[:, rows, asym:], rtol=1e-6, atol=1e-6)
+    assert not np.any(a.kspace[:, :, :asym])
+    assert ("asymmetric echo" in a.notes) == (asym > 0)
+
+
+@pytest.mark.parametrize(("pre", "post", "asym"), [(0, 0, 0), (2, 4, 6)])
+def test_write_back_of_reversed_lines_round_trips(ism, header, pre: int, post: int, asym: int) -> None:
+    """``add_delta`` writes a grid change into each raw line in that line's own (time) order: assembling
+    the new lines gives the old grid plus the change; the discarded samples are untouched.  ``ramp_lines``
+    gives each raw sample the kx of its k-space position."""
+    k = ism.known_kspace(N_C, N_KY, N_KX, seed=6)
+    rows = ism.undersampled_rows(N_KY, 0)
+    stream = _reversed_stream(ism, k, rows, pre, post, asym)
+    buf = [o for o in buffer_slices(stream, header) if isinstance(o, SliceBuffer)][0]
+    before = assemble(buf)
+    delta = ism.known_kspace(N_C, N_KY, N_KX, seed=7) * before.samples()[None]
+    new = add_delta(buf, delta)
+    old_raw = [np.array(a.data) for a in buf.acquisitions]
+    for acq, data in new:
+        acq.data[:] = data
+    after = assemble(buf)
+    np.testing.assert_allclose(after.kspace, before.kspace + delta, rtol=1e-5, atol=1e-5)
+    for acq, raw in zip(buf.acquisitions, old_raw, strict=True):  # discarded samples (in time) untouched
+        np.testing.assert_array_equal(acq.data[:, :pre], raw[:, :pre])
+        np.testing.assert_array_equal(
+            acq.data[:, acq.number_of_samples - post :], raw[:, raw.shape[1] - post :]
+        )
+    # the ramp: sample kx in grid samples from the centre, per raw sample, in the line's stored order
+    for (acq, _data, kx, _ky), ln in zip(ramp_lines(buf, N_KY, 0.0, 0.0), line_layout(buf)[2], strict=True):
+        kept_kx = kx[ln.samples]  # the kept samples in k-space order: increasing kx, centre at column n_kx//2
+        np.testing.assert_array_equal(kept_kx, np.arange(ln.n) + ln.col - N_KX // 2)
+        assert ln.reverse == acq.is_flag_set(ismrmrd.ACQ_IS_REVERSE)

@@ -1,7 +1,14 @@
 """Stage 2 of the streaming gadget: :func:`assemble` places a slice group's lines on the centred k-space grid.
 
 :func:`line_layout` and :func:`upsample_readout` invert that placement: the correction stage writes its
-result back onto each raw line's own samples with them.
+result back onto each raw line's own samples with them (``LinePlace.samples``, :meth:`LinePlace.kx`).
+
+Reversed readouts (``ACQ_IS_REVERSE``, e.g. the even echoes of a bipolar multi-echo or EPI): the samples
+are stored in acquisition (time) order, so their k-space order is the reverse.  Assembly reads them
+reversed, write-back writes into them reversed.  ``center_sample`` of a reversed line counts in k-space
+order (after the reversal), as the scanner's reflected lines do (Siemens ICE reflects the line and keeps
+the centre column); ``discard_pre``/``discard_post`` count in acquisition order (they cut the first/last
+samples *in time*), so after the reversal ``discard_post`` samples are dropped at the low-k end.
 """
 
 from __future__ import annotations
@@ -37,6 +44,14 @@ class AssembledSlice:
     ``(n_ky, n_kx)`` marks the samples that hold data (an asymmetric echo's zero-filled part is False;
     readout columns within ``EDGE_MARGIN`` grid samples of a zero-filled edge too, because the readout crop
     smears the edge); ``notes`` names the sampling (partial Fourier, asymmetric echo, missing lines).
+
+    3D encoding (encoded z > 1 and a line with ``kspace_encode_step_2 != 0``): ``partitions`` holds the
+    volume ``(n_coils, n_z, n_ky, n_kx)`` transformed along kz (hybrid space: z in the image domain, one
+    2D k-space per partition; partition row ``kz - center + n_z // 2`` before the transform,
+    ``encodingLimits.kspace_encoding_step_2`` centre, else ``n_z // 2``), ``partition_mask`` ``(n_z, n_ky)``
+    the acquired (kz, ky) lines, ``kspace`` the central partition ``partitions[:, n_z // 2]`` and ``mask``
+    the rows acquired in every acquired partition; ``correctable`` is False with a reason starting
+    ``3D encoding:`` (the estimation of a slab's in-plane motion on all partitions jointly is not done yet).
     """
 
     key: SliceKey
@@ -56,6 +71,8 @@ class AssembledSlice:
     reason: str = ""
     sample_mask: np.ndarray | None = None
     notes: str = ""
+    partitions: np.ndarray | None = None
+    partition_mask: np.ndarray | None = None
 
     def samples(self) -> np.ndarray:
         """``(n_ky, n_kx)`` bool: the acquired samples (``sample_mask``, else every sample of the rows)."""
@@ -67,6 +84,19 @@ class AssembledSlice:
 def _vec3(v: Iterable[float]) -> tuple[float, float, float]:
     x, y, z = (float(a) for a in v)
     return x, y, z
+
+
+def _kspace_order(acq: ismrmrd.Acquisition) -> tuple[np.ndarray, int, int]:
+    """The kept samples of a raw line in k-space order (module docstring, reversed readouts).
+
+    Returns the raw sample indices ``(n_kept,)`` in order of increasing kx, the position of the centre
+    sample among them, and ``center_sample`` on the whole line in k-space order (0 = unset: the middle).
+    """
+    n_s, pre, post = int(acq.number_of_samples), int(acq.discard_pre), int(acq.discard_post)
+    centre = int(acq.center_sample) or n_s // 2
+    if acq.is_flag_set(ismrmrd.ACQ_IS_REVERSE):  # k-space index i holds raw sample n_s - 1 - i
+        return np.arange(n_s - 1 - post, pre - 1, -1), centre - post, centre
+    return np.arange(pre, n_s - post), centre - pre, centre
 
 
 def _measure_pattern(rows: np.ndarray, n_ky: int) -> tuple[int, int]:
@@ -84,9 +114,11 @@ def assemble(buffer: SliceBuffer, quiet: bool = False) -> AssembledSlice:
 
     Rows: ``row = ky - center + n_ky // 2`` (``center`` from ``encodingLimits.kspace_encoding_step_1``);
     columns: after ``discard_pre``/``discard_post`` the ``center_sample`` (0 = unset: middle) goes to
-    ``n_ro // 2``.  Readout oversampling (row length a multiple of the encoded x) is cropped in the image
-    domain as :mod:`kmotion.io.ismrmrd_h5` does.  Repeated lines are averaged.  Problems that make motion
-    correction unsound set ``correctable=False`` with a ``reason`` rather than raising.
+    ``n_ro // 2``; reversed lines (``ACQ_IS_REVERSE``) are read in reverse (module docstring).  3D
+    encodings: see :class:`AssembledSlice`.  Readout oversampling (row length a multiple of the encoded x)
+    is cropped in the image domain as :mod:`kmotion.io.ismrmrd_h5` does.  Repeated lines (averages) are
+    averaged.  Problems that make motion correction unsound set ``correctable=False`` with a ``reason``
+    rather than raising.
 
     Raises
     ------
@@ -107,16 +139,18 @@ def assemble(buffer: SliceBuffer, quiet: bool = False) -> AssembledSlice:
 
     lines = []
     for a in acqs:
-        n_s, pre, post = int(a.number_of_samples), int(a.discard_pre), int(a.discard_post)
-        data = np.array(a.data[:, pre : n_s - post], dtype=np.complex64)
-        centre = (int(a.center_sample) or n_s // 2) - pre
-        lines.append((a, data, centre))
+        order, centre, _ = _kspace_order(a)
+        lines.append((a, np.array(a.data[:, order], dtype=np.complex64), centre))
     n_ky = enc.encoded_matrix[1]
     c_ky = geo.step1_range[2]
     lengths = [centred_length(d.shape[1], c) for _, d, c in lines if 0 <= c < d.shape[1]]
     n_ro, n_x, fov_x = readout_grid(enc, max(lengths, default=enc.encoded_matrix[0]))
-    kspace = np.zeros((n_ch.pop(), n_ky, n_ro), dtype=np.complex128)
-    counts = np.zeros(n_ky, dtype=np.int64)
+    kz_values = sorted({int(a.idx.kspace_encode_step_2) for a in acqs})
+    three_d = enc.encoded_matrix[2] > 1 and kz_values != [0]
+    n_z = enc.encoded_matrix[2] if three_d else 1
+    c_kz = geo.partition_range[2] if three_d else 0
+    kspace = np.zeros((n_ch.pop(), n_z, n_ky, n_ro), dtype=np.complex128)
+    counts = np.zeros((n_z, n_ky), dtype=np.int64)
     segment = np.full(n_ky, -1, dtype=np.int64)
     row_lo = np.full(n_ky, n_ro, dtype=np.int64)  # acquired columns [row_lo, row_hi) on the n_ro grid
     row_hi = np.zeros(n_ky, dtype=np.int64)
@@ -127,8 +161,12 @@ def assemble(buffer: SliceBuffer, quiet: bool = False) -> AssembledSlice:
         ky = int(a.idx.kspace_encode_step_1)
         row = ky - c_ky + n_ky // 2
         col = n_ro // 2 - centre
+        plane = int(a.idx.kspace_encode_step_2) - c_kz + n_z // 2 if three_d else 0
         if not 0 <= row < n_ky or not 0 <= centre < data.shape[1] or col + data.shape[1] > n_ro:
             reasons.append(f"line ky={ky} (center_sample {a.center_sample}) outside the grid: dropped")
+            continue
+        if not 0 <= plane < n_z:
+            reasons.append(f"line kz={a.idx.kspace_encode_step_2} outside the {n_z} partitions: dropped")
             continue
         if col > 0 or col + data.shape[1] < n_ro:
             asymmetric = True
@@ -136,18 +174,25 @@ def assemble(buffer: SliceBuffer, quiet: bool = False) -> AssembledSlice:
         if bad.any():
             n_nonfinite += int(bad.sum())
             data = np.where(bad, 0, data)
-        kspace[:, row, col : col + data.shape[1]] += data
+        kspace[:, plane, row, col : col + data.shape[1]] += data
         row_lo[row] = min(row_lo[row], col)
         row_hi[row] = max(row_hi[row], col + data.shape[1])
-        counts[row] += 1
+        counts[plane, row] += 1
         segment[row] = int(a.idx.segment)
-    kspace /= np.maximum(counts, 1)[None, :, None]
+    kspace /= np.maximum(counts, 1)[None, :, :, None]
     if n_nonfinite:
         reasons.append(f"{n_nonfinite} NaN/Inf samples (set to zero)")
     if asymmetric:
         notes.append("asymmetric echo (readout zero filled)")
 
-    mask = counts > 0
+    planes = counts.any(1)
+    mask: np.ndarray = np.all(counts[planes] > 0, axis=0) if planes.any() else np.zeros(n_ky, dtype=bool)
+    if three_d:
+        reasons.append(
+            f"3D encoding: {int(planes.sum())} of {n_z} partitions (kspace_encode_step_2 "
+            f"{kz_values[0]}..{kz_values[-1]}) assembled and transformed along kz; the in-plane motion of a "
+            "3D slab is not estimated yet: passed through untouched"
+        )
     rows = np.flatnonzero(mask)
     accel, parity = _measure_pattern(rows, n_ky)
     if rows.size:
@@ -166,6 +211,12 @@ def assemble(buffer: SliceBuffer, quiet: bool = False) -> AssembledSlice:
     ks = torch.from_numpy(kspace.astype(np.complex64))
     if n_ro != n_x:
         ks = fft1c(crop_readout(ifft1c(ks, dim=-1), n_x), dim=-1)
+    partitions = None
+    if three_d:
+        partitions = ifft1c(ks, dim=1).numpy().astype(np.complex64, copy=False)
+        ks = torch.from_numpy(partitions[:, n_z // 2])
+    else:
+        ks = ks[:, 0]
     fov_y = enc.encoded_fov_mm[1]
     first = acqs[0]
     if reasons and not quiet:
@@ -188,6 +239,8 @@ def assemble(buffer: SliceBuffer, quiet: bool = False) -> AssembledSlice:
         reason="; ".join(reasons),
         sample_mask=_sample_mask(mask, row_lo, row_hi, n_ro, n_x) if asymmetric else None,
         notes="; ".join(notes),
+        partitions=partitions,
+        partition_mask=counts > 0 if three_d else None,
     )
 
 
@@ -214,14 +267,29 @@ def _sample_mask(mask: np.ndarray, lo: np.ndarray, hi: np.ndarray, n_ro: int, n_
 
 @dataclass
 class LinePlace:
-    """Where one raw line's samples sit on the grid of :func:`assemble` (see :func:`line_layout`)."""
+    """Where one raw line's samples sit on the grid of :func:`assemble` (see :func:`line_layout`).
+
+    The kept samples ``samples`` (raw indices, in k-space order) occupy grid columns ``col .. col + n - 1``
+    of row ``row``: ``grid[:, row, col : col + n]`` is ``acq.data[:, samples]``.
+    """
 
     acq: ismrmrd.Acquisition
     row: int
-    col: int  # grid column (readout grid of n_ro samples) of sample ``pre``
+    col: int  # grid column (readout grid of n_ro samples) of the first kept sample in k-space order
     pre: int
     n: int  # samples kept (after discard_pre / discard_post)
-    centre: int  # centre sample index in the raw line (center_sample, 0 -> n_samples // 2)
+    centre: int  # centre sample in k-space order on the whole line (center_sample, 0 -> n_samples // 2)
+    samples: np.ndarray  # (n,) raw sample indices of the kept samples in k-space order
+    reverse: bool = False  # ACQ_IS_REVERSE: raw samples in time order, k-space order reversed
+    partition: int = 0  # kspace_encode_step_2 (3D encodings)
+
+    def kx(self) -> np.ndarray:
+        """``(number_of_samples,)`` float: k-space position of every raw sample (in stored order), in
+        samples of the ``n_ro`` readout grid from the centre (reversed for a reversed line)."""
+        j = np.arange(int(self.acq.number_of_samples), dtype=np.float64)
+        if self.reverse:
+            j = j[::-1].copy()
+        return j - self.centre
 
 
 def line_layout(buffer: SliceBuffer) -> tuple[int, int, list[LinePlace]]:
@@ -233,18 +301,28 @@ def line_layout(buffer: SliceBuffer) -> tuple[int, int, list[LinePlace]]:
     lines = []
     lengths = []
     for a in buffer.acquisitions:
-        n_s, pre, post = int(a.number_of_samples), int(a.discard_pre), int(a.discard_post)
-        n = n_s - post - pre
-        raw_centre = int(a.center_sample) or n_s // 2
-        centre = raw_centre - pre
+        order, centre, k_centre = _kspace_order(a)
+        n = order.size
         if 0 <= centre < n:
             lengths.append(centred_length(n, centre))
-        lines.append((a, n_s, pre, n, centre, raw_centre))
+        lines.append((a, order, centre, k_centre))
     n_ro, n_x, _ = readout_grid(enc, max(lengths, default=enc.encoded_matrix[0]))
     out = []
-    for a, _n_s, pre, n, centre, raw_centre in lines:
+    for a, order, centre, k_centre in lines:
         row = int(a.idx.kspace_encode_step_1) - c_ky + n_ky // 2
-        out.append(LinePlace(a, row, n_ro // 2 - centre, pre, n, raw_centre))
+        out.append(
+            LinePlace(
+                a,
+                row,
+                n_ro // 2 - centre,
+                int(a.discard_pre),
+                order.size,
+                k_centre,
+                order,
+                a.is_flag_set(ismrmrd.ACQ_IS_REVERSE),
+                int(a.idx.kspace_encode_step_2),
+            )
+        )
     return n_ro, n_x, out
 
 

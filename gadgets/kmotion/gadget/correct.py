@@ -140,8 +140,7 @@ def ramp_lines(
     n_ro, n_x, lines = line_layout(buffer)
     out = []
     for ln in lines:
-        n_s = int(ln.acq.number_of_samples)
-        kx = (np.arange(n_s) - ln.centre) * (n_x / n_ro)
+        kx = ln.kx() * (n_x / n_ro)  # per raw sample, reversed lines included
         ky = np.array(float(ln.row - n_ky // 2))
         phase = 2 * np.pi * (kx * dx_px / n_x + ky * dy_px / n_ky)
         data = np.array(ln.acq.data, dtype=np.complex64) * np.exp(1j * phase).astype(np.complex64)
@@ -167,6 +166,6 @@ def add_delta(buffer: SliceBuffer, delta: np.ndarray) -> list[tuple[ismrmrd.Acqu
     for ln in lines:
         data = np.array(ln.acq.data, dtype=np.complex64, copy=True)
         if 0 <= ln.row < d.shape[1] and ln.col >= 0 and ln.col + ln.n <= n_ro:
-            data[:, ln.pre : ln.pre + ln.n] += d[:, ln.row, ln.col : ln.col + ln.n]
+            data[:, ln.samples] += d[:, ln.row, ln.col : ln.col + ln.n]  # k-space order (ACQ_IS_REVERSE)
         out.append((ln.acq, data))
     return out

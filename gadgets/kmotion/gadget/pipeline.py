@@ -7,7 +7,7 @@ it.  The stages, in data-flow order (``docs/gadget.md``):
 1. buffer (:mod:`~kmotion.gadget.buffer`): imaging lines -> one :class:`SliceBuffer` per slice group,
    gathered into batches; everything else passes through;
 2. assemble (:mod:`~kmotion.gadget.assemble`): the lines on the centred k-space grid;
-3. reference (:mod:`~kmotion.gadget.reference`): the reference of each (slice, contrast, set);
+3. reference (:mod:`~kmotion.gadget.reference`): the reference of each (slice, contrast, phase, set);
 4. estimate (:mod:`~kmotion.gadget.estimate`): the motion relative to the reference;
 5. correct (:mod:`~kmotion.gadget.correct`): new data on the acquired lines (coil maps from
    :mod:`~kmotion.gadget.calibration`);
@@ -35,7 +35,7 @@ from kmotion.gadget.correct import correct_slices, write_back
 from kmotion.gadget.estimate import estimate_motion, prepare_crops
 from kmotion.gadget.params import DEFAULT_MODEL, GadgetParams, resolve_device
 from kmotion.gadget.reference import References, SliceWork, choose_reference
-from kmotion.gadget.report import blank_report
+from kmotion.gadget.report import StreamSummary, blank_report
 
 __all__ = ["MotionCorrector", "motion_correct"]
 
@@ -82,15 +82,21 @@ class MotionCorrector:
 
         Each call is one stream: references and calibration lines of an earlier call are forgotten (the
         estimator stays loaded), so one corrector can serve several streams in a row, not at once.
+
+        At the end of a stream in which no slice group was estimated although acquisitions other than noise
+        arrived, one WARNING says so (:class:`~kmotion.gadget.report.StreamSummary`).
         """
         self.calibration = CalibrationStore(self.geometry)
         self.references = {}
+        summary = StreamSummary()
         for out in batch_slices(items, self.header, self.params.batch_slices):
             if isinstance(out, SliceBatch):
-                yield from self._flush(out.buffers)
+                yield from summary.watch(self._flush(out.buffers))
                 continue
             self.calibration.note(out)
+            summary.note(out)
             yield out
+        summary.end_of_stream()
 
     def _flush(self, buffers: list[SliceBuffer]) -> Iterator[object]:
         """Reference, estimate and correct a batch, then yield each slice's report and acquisitions."""

@@ -2,8 +2,10 @@
 
 :func:`reconstruct_images` groups imaging lines into slices (:func:`~kmotion.gadget.buffer.buffer_slices`),
 and reconstructs each with :func:`reconstruct_slice`: SENSE (CG, no motion) with coil maps from the
-calibration data of the first slice of its (slice, contrast, set) — ACS lines flagged
-``ACQ_IS_PARALLEL_CALIBRATION`` or the fully sampled centre of that slice — or, without calibration data,
+calibration data of the first slice of its (slice, contrast, phase, set) — ACS lines flagged
+``ACQ_IS_PARALLEL_CALIBRATION`` (of encoding space 0, or of a separate reference scan in another encoding
+space with the same geometry, :mod:`~kmotion.gadget.calibration`) or the fully sampled centre of that
+slice — or, without calibration data,
 the root-sum-of-squares of the zero-filled coil images (aliased at R > 1).  The maps come from data the
 gadget never changes (calibration lines and the reference repetition), so a stream and its corrected
 version are reconstructed with the same maps and their images compare directly (NRMSE in ``docs/gadget.md``).
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 
 from kmotion.gadget.assemble import AssembledSlice, assemble
-from kmotion.gadget.buffer import SliceBuffer, SliceGeometry, buffer_slices
+from kmotion.gadget.buffer import SliceBuffer, SliceGeometry, SliceKey, buffer_slices
 from kmotion.gadget.calibration import CalibrationStore, coil_maps_for
 from kmotion.gadget.correct import SENSE_LAMBDA
 from kmotion.gadget.report import MotionReport
@@ -107,8 +109,8 @@ def reconstruct_images(
     """
     geometry = SliceGeometry.from_header(header)
     calib = CalibrationStore(geometry)
-    maps: dict[tuple[int, int, int], torch.Tensor | None] = {}
-    reports: dict[tuple[int, int, int, int], MotionReport] = {}
+    maps: dict[tuple[int, int, int, int], torch.Tensor | None] = {}  # by (slice, contrast, phase, set)
+    reports: dict[SliceKey, MotionReport] = {}
     enc = header.encoding[0]
     fov = getattr(getattr(enc, "encodedSpace", None), "fieldOfView_mm", None)
     thickness = float(fov.z) if fov is not None and fov.z is not None else 0.0
@@ -119,23 +121,23 @@ def reconstruct_images(
             try:
                 a = assemble(out, quiet=True)
             except Exception as exc:
-                log.warning("recon: slice %s not reconstructed: %s", tuple(out.key), exc)
+                log.warning("recon: %s not reconstructed: %s", out.key.label(), exc)
                 continue
-            group = (a.key.slice, a.key.contrast, a.key.set)
+            group = (a.key.slice, a.key.contrast, a.key.phase, a.key.set)
             if group not in maps:
                 got = coil_maps_for(a, calib, dev)
                 if isinstance(got, str):
-                    log.info("recon %s: root-sum-of-squares of zero-filled images (%s)", group, got)
+                    log.info("recon %s: root-sum-of-squares of zero-filled images (%s)", a.key.label(), got)
                 maps[group] = None if isinstance(got, str) else got
             mag = reconstruct_slice(a.kspace, a.mask, maps[group], iterations)
             index += 1
             img = _image(a, out.acquisitions[0], mag, series_index, index, thickness)
-            report = reports.pop(tuple(out.key), None)  # type: ignore[arg-type]
+            report = reports.pop(SliceKey(*out.key), None)
             if report is not None:
                 img.meta = _meta(report)
             yield img
         elif isinstance(out, MotionReport):
-            reports[tuple(out.key)] = out  # type: ignore[index]
+            reports[SliceKey(*out.key)] = out
             yield out
         elif isinstance(out, ismrmrd.Acquisition):
             calib.note(out)

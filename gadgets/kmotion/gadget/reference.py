@@ -1,4 +1,5 @@
-"""Stage 3 of the streaming gadget: the reference of each (slice, contrast, set), and the per-slice record.
+"""Stage 3 of the streaming gadget: the reference of each (slice, contrast, phase, set), and the per-slice
+record.
 
 :class:`SliceWork` is what the stages know about one slice group of a batch as it passes through reference
 -> estimate -> correct; :func:`choose_reference` assembles it and registers it to its reference, or makes it
@@ -23,14 +24,14 @@ __all__ = ["Reference", "References", "SliceWork", "choose_reference"]
 
 @dataclass
 class Reference:
-    """The reference slice of a (slice, contrast, set), assembled, and its coil maps."""
+    """The reference slice of a (slice, contrast, phase, set), assembled, and its coil maps."""
 
     slice: AssembledSlice
     maps: torch.Tensor | str | None = None  # None: not computed yet; str: why there are none
 
 
-References = dict[tuple[int, int, int], Reference]
-"""The references of a stream by (slice, contrast, set)."""
+References = dict[tuple[int, int, int, int], Reference]
+"""The references of a stream by (slice, contrast, phase, set): each cardiac phase has its own."""
 
 
 @dataclass
@@ -54,7 +55,7 @@ def choose_reference(w: SliceWork, references: References, want: int | None) -> 
     ``w.report`` None.  ``want`` is ``GadgetParams.reference_repetition``.
     """
     key = w.buffer.key
-    group = (key.slice, key.contrast, key.set)
+    group = (key.slice, key.contrast, key.phase, key.set)
     try:
         a = assemble(w.buffer)
     except InputError as exc:

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import ismrmrd
 
 from kmotion.gadget.buffer import SliceKey
+from kmotion.gadget.classify import IMAGING, classify
 
-__all__ = ["MotionReport", "blank_report"]
+__all__ = ["MotionReport", "StreamSummary", "blank_report"]
+
+log = logging.getLogger("kmotion.gadget")
 
 
 @dataclass
@@ -53,6 +61,7 @@ class MotionReport:
         return {
             "slice": int(self.key.slice),
             "contrast": int(self.key.contrast),
+            "phase": int(self.key.phase),
             "repetition": int(self.key.repetition),
             "set": int(self.key.set),
             "reference_repetition": int(self.reference_repetition),
@@ -76,11 +85,12 @@ class MotionReport:
         }
 
     def log_line(self) -> str:
-        """One line: counters, px, mm, deg, patient mm, flags and the reason."""
+        """One line: the key's counters (slice, contrast, phase, rep, set), px, mm, deg, patient mm, flags and
+        the reason."""
         k = self.key
         p = self.patient_mm
         line = (
-            f"slice {k.slice} contrast {k.contrast} rep {k.repetition} set {k.set} "
+            f"slice {k.slice} contrast {k.contrast} phase {k.phase} rep {k.repetition} set {k.set} "
             f"(ref rep {self.reference_repetition}): dx {self.dx_px:+.2f} px ({self.dx_mm:+.2f} mm) "
             f"dy {self.dy_px:+.2f} px ({self.dy_mm:+.2f} mm) rot {self.rot_deg:+.2f} deg"
             f"{self._uncertainty()}; "
@@ -102,3 +112,53 @@ def blank_report(key: SliceKey, ref_rep: int, reason: str, zeros: bool = False) 
     """A report without an estimate (NaN, or zeros for a reference), not corrected, with ``reason``."""
     v = 0.0 if zeros else math.nan
     return MotionReport(key, ref_rep, v, v, v, v, v, (v, v, v), False, False, reason)
+
+
+@dataclass
+class StreamSummary:
+    """What left a stream: acquisitions by class (:func:`~kmotion.gadget.classify.classify`) and reports.
+
+    :meth:`note` (or :meth:`watch`) every output item; at the end of the stream :meth:`end_of_stream` logs
+    one WARNING when acquisitions other than noise measurements arrived but no slice group was estimated
+    (everything passed through, or only references), naming what arrived and why nothing was estimated.
+    """
+
+    acquisitions: Counter[str] = field(default_factory=Counter)
+    reasons: Counter[str] = field(default_factory=Counter)
+    n_estimated: int = 0
+
+    def note(self, item: object) -> None:
+        """Count one output item."""
+        if isinstance(item, ismrmrd.Acquisition):
+            self.acquisitions[classify(item)] += 1
+        elif isinstance(item, MotionReport):
+            estimated = item.reason != "reference" and all(
+                math.isfinite(v) for v in (item.dx_px, item.dy_px, item.rot_deg)
+            )
+            if estimated:
+                self.n_estimated += 1
+            else:
+                self.reasons[item.reason or "no reason given"] += 1
+
+    def watch(self, items: Iterable[object]) -> Iterator[object]:
+        """``items`` unchanged, each noted."""
+        for item in items:
+            self.note(item)
+            yield item
+
+    def end_of_stream(self) -> str | None:
+        """Log (and return) the WARNING when nothing was estimated (see the class docstring); else None."""
+        n_other = sum(n for k, n in self.acquisitions.items() if k != "noise measurement")
+        if self.n_estimated or not n_other:
+            return None
+        groups = sum(self.reasons.values())
+        why = "; ".join(f"{n} x {r[:160]}" for r, n in self.reasons.most_common())
+        passed = ", ".join(f"{n} {k}" for k, n in sorted(self.acquisitions.items()) if k != IMAGING)
+        why = f" ({why})" if why else ""
+        msg = (
+            f"end of stream: no slice group was estimated: {self.acquisitions[IMAGING]} imaging lines in "
+            f"{groups} slice group(s){why}; passed through untouched: {passed or 'nothing else'}. Every "
+            "acquisition left unchanged."
+        )
+        log.warning("%s", msg)
+        return msg

@@ -43,8 +43,6 @@ __all__ = [
     "readout_grid",
 ]
 
-# Acquisitions that are not imaging lines.  ACQ_IS_PARALLEL_CALIBRATION is only skipped when
-# ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING is not also set (calibration lines that are imaging lines).
 SKIP_FLAGS = (
     ismrmrd.ACQ_IS_NOISE_MEASUREMENT,
     ismrmrd.ACQ_IS_NAVIGATION_DATA,
@@ -52,10 +50,17 @@ SKIP_FLAGS = (
     ismrmrd.ACQ_IS_DUMMYSCAN_DATA,
     ismrmrd.ACQ_IS_RTFEEDBACK_DATA,
     ismrmrd.ACQ_IS_HPFEEDBACK_DATA,
-    ismrmrd.ACQ_IS_SURFACECOILCORRECTIONSCAN_DATA,
     ismrmrd.ACQ_IS_PHASE_STABILIZATION,
     ismrmrd.ACQ_IS_PHASE_STABILIZATION_REFERENCE,
 )
+"""Flags that make an acquisition a non-imaging line (the loader skips it, the gadget passes it through).
+
+``ACQ_IS_PARALLEL_CALIBRATION`` is handled apart: skipped only without
+``ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING`` (calibration lines that are also imaging lines).  Every other
+flag leaves an imaging line an imaging line, deliberately: ``ACQ_IS_SURFACECOILCORRECTIONSCAN_DATA``
+(``siemens_to_ismrmrd`` sets it from the MDH's raw-data-correction bit on ordinary imaging lines),
+``ACQ_IS_REVERSE``, the user and compression flags, the first/last flags.  The table of every flag is in
+``docs/gadget.md`` ("Acquisition flags and counters")."""
 
 # (name in labels, ismrmrd idx field) of the counters that separate images
 _IMAGE_DIMS = (
