@@ -308,17 +308,13 @@ class EchoReport:
         return f"echo estimate for slice {self.key}"
 
 
-ECHO_PROPERTIES = {
-    "model",
-    "device",
-    "output",
-    "min_correction",
-    "reference_repetition",
-    "batch_slices",
-    "sense_iterations",
-    "fail_after",
-    "complex128",
-}
+def _gadget_parameter_names() -> set[str]:
+    from kmotion.gadget.params import GadgetParams
+
+    return set(GadgetParams.__dataclass_fields__)
+
+
+ECHO_PROPERTIES = _gadget_parameter_names() | {"fail_after", "complex128"}
 
 
 def echo_factory(props: dict[str, str]):  # noqa: ANN201

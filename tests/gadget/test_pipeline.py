@@ -14,7 +14,9 @@ import torch
 
 from kmotion.estimation.network import Estimate
 from kmotion.gadget import GadgetParams, MotionCorrector, MotionReport, reconstruct_images
+from kmotion.gadget.estimate import report_for
 from kmotion.gadget.params import DEFAULT_MODEL
+from kmotion.gadget.reference import SliceWork
 from kmotion.physics import InputError, apply_motion_kspace
 
 pytestmark = pytest.mark.skipif(not DEFAULT_MODEL.exists(), reason="no shipped model in this checkout")
@@ -195,17 +197,26 @@ def test_slices_completing_back_to_back_are_estimated_together(stream_factory, c
     assert max(float(np.abs(g - w).max()) for g, w in zip(got, want, strict=True)) < 1e-4 * scale
 
 
-def test_estimator_failure_passes_through(stream_factory, caplog) -> None:
+def test_network_failure_only_loses_the_seed_fit_failure_passes_through(stream_factory, monkeypatch) -> None:
+    """The network is a seed of the data-consistency fit: if it fails, the slice is still estimated (the
+    report says why there was no seed); if the fit itself fails, the slice passes through untouched."""
     st = stream_factory(n_coils=2, motions=((0, 0, 0), (1.0, 1.0, 3.0)), extras=False)
-    before = _copy(st.items)
     mc = MotionCorrector(st.header, CPU)
 
     def broken(ref: torch.Tensor, mov: torch.Tensor, *args: object, **kw: object) -> Estimate:
         raise RuntimeError("device lost")
 
     mc.estimator.estimate_data = broken  # type: ignore[method-assign]
-    out = list(mc(st.items))
-    assert "device lost" in _reports(out)[(0, 1)].reason
+    rep = _reports(list(mc(_copy(st.items))))[(0, 1)]
+    assert "no network seed: device lost" in rep.method and np.isfinite(rep.dx_px)
+
+    def fit_broken(*args: object, **kw: object) -> object:
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr("kmotion.gadget.estimate.fit_shots", fit_broken)
+    before = _copy(st.items)
+    out = list(MotionCorrector(st.header, CPU)(st.items))
+    assert "device lost" in _reports(out)[(0, 1)].reason and not _reports(out)[(0, 1)].corrected
     acqs = [o for o in out if isinstance(o, ismrmrd.Acquisition)]
     assert all(np.array_equal(a.data, b.data) for a, b in zip(acqs, before, strict=True))
 
@@ -214,15 +225,18 @@ def test_estimator_failure_passes_through(stream_factory, caplog) -> None:
 
 
 def _oracle(mc: MotionCorrector, st: object, n_rows: int) -> None:
-    """Replace the estimate by the true motion (the data's pixels): a test of the correction alone, not a
-    stand-in for the estimator's accuracy (tested below)."""
+    """Replace the estimate by the true motion (the data's pixels, significant): a test of the correction
+    alone, not a stand-in for the estimator's accuracy (tested below)."""
     truths = [m for m in st.motions[1:]]  # type: ignore[attr-defined]
+    nan3 = (math.nan, math.nan, math.nan)
 
-    def estimate_data(ref: torch.Tensor, mov: torch.Tensor, *args: object, **kw: object) -> Estimate:
-        rows = [list(truths.pop(0)) for _ in range(len(ref))]
-        return Estimate(torch.tensor(rows, dtype=torch.float32), torch.zeros(len(rows), dtype=torch.bool))
+    def estimate_slices(work: list[SliceWork]) -> None:
+        for w in work:
+            if w.report is None and w.reference is not None:
+                motion = tuple(float(v) for v in truths.pop(0))
+                w.report = report_for(w, motion, nan3, math.inf, 3, mc.params, "oracle")  # type: ignore[arg-type]
 
-    mc.estimator.estimate_data = estimate_data  # type: ignore[method-assign]
+    mc.estimate_slices = estimate_slices  # type: ignore[method-assign]
 
 
 def test_cartesian_correction_with_true_motion(stream_factory) -> None:
@@ -406,31 +420,38 @@ def test_reference_repetition_with_calibration_from_another_repetition(stream_fa
     assert cor < 0.25 * unc, (unc, cor)
 
 
-def test_flags_min_correction_and_unreliable_estimates(stream_factory) -> None:
+def test_do_no_harm_decisions(stream_factory) -> None:
+    """The rules of ``docs/gadget.md`` (Do no harm): not significant, below min_correction, beyond the
+    capture range, ambiguous and non-finite estimates are reported but not corrected."""
     st = stream_factory(
-        n_coils=2, motions=((0, 0, 0), (0, 0, 0), (1, 1, 1), (1, 1, 1), (1, 1, 1)), extras=False
+        n_coils=2, motions=((0, 0, 0), (0, 0, 0), (1, 1, 1), (1, 1, 1), (1, 1, 1), (1, 1, 1)), extras=False
     )
-    mc = MotionCorrector(st.header, GadgetParams(device="cpu", output="trajectory", min_correction=0.5))
-    answers = [  # (motion in data px/deg, at_range_edge, unreliable)
-        ([0.3, -0.2, 0.4], False, False),  # below min_correction
-        ([11.9, 0.0, 2.0], True, True),  # at the range edge: flagged, still corrected
-        ([2.0, 1.0, 3.0], False, True),  # refinement and network disagree: flagged, still corrected
-        ([float("nan"), 0.0, 0.0], False, False),  # not finite: not corrected
+    params = GadgetParams(device="cpu", output="trajectory", min_correction=0.5)
+    mc = MotionCorrector(st.header, params)
+    nan3 = (math.nan, math.nan, math.nan)
+    answers = [  # (motion in data px/deg, chi2, ambiguous)
+        ((2.0, 1.0, 3.0), 5.0, False),  # not significant (chi2 below the 0.999 quantile, 16.3)
+        ((0.3, -0.2, 0.4), 100.0, False),  # significant but below min_correction
+        ((200.0, 0.0, 2.0), 1e6, False),  # beyond the capture range (+-25 mm): flagged
+        ((2.0, 1.0, 3.0), 1e4, True),  # ambiguous: flagged
+        ((float("nan"), 0.0, 0.0), 1e4, False),  # not finite
     ]
 
-    def estimate_data(ref: torch.Tensor, mov: torch.Tensor, *args: object, **kw: object) -> Estimate:
-        m, edge, unrel = answers.pop(0)
-        return Estimate(torch.tensor([m]), torch.tensor([edge]), unreliable=torch.tensor([unrel]))
+    def estimate_slices(work: list[SliceWork]) -> None:
+        for w in work:
+            if w.report is None and w.reference is not None:
+                m, c2, amb = answers.pop(0)
+                w.report = report_for(w, m, nan3, c2, 3, params, "test", amb)
 
-    mc.estimator.estimate_data = estimate_data  # type: ignore[method-assign]
+    mc.estimate_slices = estimate_slices  # type: ignore[method-assign]
     reps = _reports(list(mc(st.items)))
-    assert reps[(0, 1)].reason == "below min_correction" and not reps[(0, 1)].corrected
-    assert not reps[(0, 1)].flagged and reps[(0, 1)].rot_deg == pytest.approx(0.4)
-    assert reps[(0, 2)].flagged and reps[(0, 2)].corrected and "edge" in reps[(0, 2)].reason
-    assert reps[(0, 3)].flagged and reps[(0, 3)].corrected and "disagree" in reps[(0, 3)].reason
-    assert (
-        reps[(0, 4)].flagged and not reps[(0, 4)].corrected and reps[(0, 4)].reason == "estimate not finite"
-    )
+    r1, r2, r3, r4, r5 = (reps[(0, r)] for r in range(1, 6))
+    assert not r1.corrected and not r1.flagged and r1.reason.startswith("no significant motion")
+    assert r1.p_value == pytest.approx(0.1718, abs=1e-3)  # chi-square survival of 5.0 with 3 dof
+    assert not r2.corrected and r2.reason == "below min_correction" and r2.rot_deg == pytest.approx(0.4)
+    assert r3.flagged and not r3.corrected and "capture range" in r3.reason
+    assert r4.flagged and not r4.corrected and r4.reason.startswith("ambiguous")
+    assert r5.flagged and not r5.corrected and r5.reason == "estimate not finite"
 
 
 def test_a_failing_source_still_gets_everything_received_out(stream_factory) -> None:

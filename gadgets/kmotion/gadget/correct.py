@@ -93,7 +93,7 @@ def correct_sense(work: list[SliceWork], device: torch.device, iterations: int) 
     assert all(a is not None for a in slices) and all(isinstance(m, torch.Tensor) for m in maps_list)
     maps = torch.stack([m.to(device) for m in maps_list if isinstance(m, torch.Tensor)])
     y = torch.stack([torch.from_numpy(a.kspace) for a in slices if a is not None]).to(device)
-    mask = torch.stack([torch.from_numpy(a.mask) for a in slices if a is not None]).to(device)
+    mask = torch.stack([torch.from_numpy(a.samples()) for a in slices if a is not None]).to(device)
     motion = torch.tensor(
         [[w.report.dx_px, w.report.dy_px, w.report.rot_deg] for w in work if w.report is not None],
         dtype=torch.float64,
@@ -101,7 +101,7 @@ def correct_sense(work: list[SliceWork], device: torch.device, iterations: int) 
     spacing = slices[0].pixel_spacing_mm if slices[0] is not None else (1.0, 1.0)
     x = sense_reconstruct(y, mask, maps, motion.to(device), spacing, iterations, SENSE_LAMBDA)
     y_corr = MotionSense(maps, mask).forward(x)
-    delta = ((y_corr - y) * mask[:, None, :, None]).cpu().numpy()
+    delta = ((y_corr - y) * mask[:, None]).cpu().numpy()
     if not np.isfinite(delta).all():
         raise ValueError("non-finite values in the SENSE correction")
     for w, d in zip(work, delta, strict=True):

@@ -1,29 +1,72 @@
-"""Stage 4 of the streaming gadget: estimate the motion of each slice relative to its reference.
+"""Stage 4 of the streaming gadget: the motion of each slice relative to its reference, with its uncertainty.
 
-:func:`prepare_crops` takes the rows the estimator reads (:func:`crop_rows`) from the reference and the moved
-slice; :func:`estimate_motion` runs the shipped estimator (network + data-consistency refinement,
-``NetworkEstimator.estimate_data``) once per grid shape and turns its output into :class:`MotionReport`
-objects in the data's pixels, mm and the patient frame, with the flags and the decision to correct.
+For every slice group with a reference (``docs/gadget.md``, "Estimation" and "Do no harm"):
+
+1. **Seeds.**  The shipped network reads its crop of the reference and the slice when the sampling fits it
+   (:func:`crop_rows`: ``R`` = 1 or its trained ``R`` about the centre); its estimate is one starting point.
+   A global search over the capture range (:func:`kmotion.estimation.shots.coarse_search`: a rotation grid
+   over ``+-max_rotation_deg`` with every translation within ``+-max_translation_mm``) gives others, and
+   zero motion is always one.
+2. **Data-consistency fit.**  ``argmin_theta ||M F C T(theta) x_ref - y||^2`` on every acquired sample of
+   the slice (:func:`kmotion.estimation.shots.fit_shots` with one shot), with ``x_ref`` the SENSE image of
+   the reference and ``C`` its coil maps, on prewhitened data (:mod:`kmotion.gadget.noise`).  Partial
+   Fourier, asymmetric echo and any acceleration enter only through the sample mask ``M``.
+3. **Uncertainty and test.**  ``std = sqrt(diag(noise_var / 2 * inv(Re J^H J)))`` and the likelihood-ratio
+   statistic ``chi2 = 2 (RSS(0) - RSS(theta)) / noise_var`` with ``noise_var = 2 sigma^2`` (the noise of the
+   moved slice plus that of the reference image along the fitted directions).  The slice is corrected only
+   when ``chi2`` exceeds the chi-square (3 dof) quantile ``1 - false_alarm_rate``, the estimate lies within
+   the capture range and is not ambiguous, and it exceeds ``min_correction``.
+4. Without coil maps (no calibration data) the network estimate alone is reported, tested with the
+   translation-only model ``y = ramp(t) y_ref`` on the samples both hold (2 dof), and corrected by the ramp.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy.stats import chi2 as chi2_law
 
 from kmotion.estimation.network import NetworkEstimator
+from kmotion.estimation.shots import ShotProblems, coarse_search, fit_shots
 from kmotion.gadget.assemble import AssembledSlice
-from kmotion.gadget.reference import SliceWork
+from kmotion.gadget.calibration import CalibrationStore, coil_maps_for
+from kmotion.gadget.noise import NoiseStore, apply_whitening, data_noise_variance
+from kmotion.gadget.params import GadgetParams
+from kmotion.gadget.reference import Reference, SliceWork
 from kmotion.gadget.report import MotionReport, blank_report
+from kmotion.physics.sense import sense_reconstruct
 from kmotion.physics.validate import InputError
 
-__all__ = ["crop_rows", "estimate_motion", "prepare_crops"]
+__all__ = [
+    "Decision",
+    "crop_rows",
+    "decide",
+    "estimate_motion",
+    "prepare_crops",
+    "reference_image",
+    "report_for",
+]
+
+log = logging.getLogger("kmotion.gadget")
 
 _REFINE_ROWS = 128
-"""Acquired rows about the centre given to the estimator when the data hold them (the network reads its own
-64; the data-consistency refinement uses up to ``refine_crop`` rows of them)."""
+"""Acquired rows about the centre given to the network's estimator when the data hold them."""
+
+REFERENCE_LAMBDA = 1e-3
+"""Tikhonov weight of the reference image (maps of unit RSS; a small relative regularisation)."""
+
+REFERENCE_ITERATIONS = 30
+"""CG iterations of the reference image."""
+
+ANGLE_STEP_DEG = 1.5
+"""Step of the global search's rotation grid."""
+
+N_VIRTUAL = 8
+"""Virtual coils of the fit (array compression of the whitened data, exact in form; fewer: faster)."""
 
 
 def crop_rows(
@@ -31,91 +74,277 @@ def crop_rows(
 ) -> np.ndarray | str:
     """Grid rows of the network crop: ``s_y`` acquired rows ``n_ky//2 + parity + R_net * j``."""
     if ref.acceleration not in (1, r_net):
-        return f"acceleration {ref.acceleration} not supported by the network (trained at {r_net})"
+        return f"acceleration {ref.acceleration} (the network was trained at {r_net})"
     parity = ref.parity if ref.acceleration == r_net else 0
     n_ky = ref.kspace.shape[1]
-    # the network reads its s_y central rows; the refinement uses up to _REFINE_ROWS of them
     for s_y in range(max(net_crop[0], _REFINE_ROWS), net_crop[0] - 1, -8):
         j = np.arange(-(s_y // 2), s_y - s_y // 2)
         rows = n_ky // 2 + parity + r_net * j
         if rows[0] >= 0 and rows[-1] < n_ky and ref.mask[rows].all() and mov.mask[rows].all():
             return rows
     return (
-        f"the network needs {net_crop[0]} acquired rows (every {r_net}nd) about the centre in the "
-        f"reference and this slice; {n_ky} rows, acquired {int(mov.mask.sum())}"
+        f"the network needs {net_crop[0]} acquired rows (every {r_net}nd) about the centre; {n_ky} rows, "
+        f"acquired {int(mov.mask.sum())}"
     )
 
 
 def prepare_crops(w: SliceWork, net_crop: tuple[int, int], r_net: int) -> None:
-    """The estimator's input of a slice with a reference: ``w.crops`` (reference, moved), or ``w.report``
-    with the reason why the slice cannot be estimated."""
+    """The network's input of a slice with a reference: ``w.crops`` (reference, moved), or
+    ``w.network_note`` with the reason why the network cannot read it (the fit still runs)."""
     assert w.assembled is not None and w.reference is not None
     r = w.reference.slice
     rows = crop_rows(r, w.assembled, net_crop, r_net)
     if isinstance(rows, str):
-        w.report = blank_report(w.buffer.key, r.key.repetition, rows)
+        w.network_note = f"no network seed: {rows}"
         return
     w.crops = (torch.from_numpy(r.kspace[:, rows]), torch.from_numpy(w.assembled.kspace[:, rows]))
 
 
-def estimate_motion(
-    work: list[SliceWork], estimator: NetworkEstimator, r_net: int, min_correction: float
-) -> None:
-    """Run the estimator on every prepared slice (one call per grid shape) and fill the reports.
-
-    ``r_net`` is the acceleration the network was trained at; ``min_correction`` as ``GadgetParams``.
-    """
+def _network_seeds(work: list[SliceWork], estimator: NetworkEstimator, r_net: int) -> None:
+    """``w.seed`` from the network for every slice with crops (one call per grid shape)."""
     groups: dict[tuple[object, ...], list[SliceWork]] = {}
     for w in work:
-        assert w.crops is not None and w.assembled is not None
-        groups.setdefault((tuple(w.crops[0].shape), w.assembled.fov_mm), []).append(w)
+        if w.crops is not None and w.assembled is not None:
+            groups.setdefault((tuple(w.crops[0].shape), w.assembled.fov_mm), []).append(w)
     for ws in groups.values():
         ref = torch.stack([w.crops[0] for w in ws if w.crops is not None])
         mov = torch.stack([w.crops[1] for w in ws if w.crops is not None])
+        a0 = ws[0].assembled
+        assert a0 is not None
         try:
-            a0 = ws[0].assembled
-            assert a0 is not None
             n_ky, n_kx = a0.kspace.shape[1:]
             est = estimator.estimate_data(ref, mov, (int(n_ky), int(n_kx)), a0.fov_mm, r_net)
         except (InputError, RuntimeError, ValueError) as exc:
             for w in ws:
-                assert w.reference is not None
-                w.report = blank_report(
-                    w.buffer.key, w.reference.slice.key.repetition, f"not estimated: {exc}"
-                )
+                w.network_note = f"no network seed: {exc}"
             continue
         for i, w in enumerate(ws):
-            assert w.assembled is not None and w.reference is not None
-            a = w.assembled
-            dx_px, dy_px, phi = (float(v) for v in est.motion[i])
-            dx_mm, dy_mm = dx_px * a.pixel_spacing_mm[1], dy_px * a.pixel_spacing_mm[0]
-            patient = tuple(dx_mm * r + dy_mm * p for r, p in zip(a.read_dir, a.phase_dir, strict=True))
-            finite = all(math.isfinite(v) for v in (dx_px, dy_px, phi))
-            edge = bool(est.at_range_edge[i])
-            unreliable = getattr(est, "unreliable", None)  # refinement and network disagree (or edge)
-            disagree = unreliable is not None and bool(unreliable[i]) and not edge
-            flagged = edge or disagree or not finite
-            why = "at the edge of the trained motion range" if edge else ""
-            if disagree:
-                why = "unreliable: network and refinement disagree by > 3 px/deg"
-            rep = MotionReport(
-                w.buffer.key,
-                w.reference.slice.key.repetition,
-                dx_px,
-                dy_px,
-                phi,
-                dx_mm,
-                dy_mm,
-                patient,  # type: ignore[arg-type]
-                flagged,
-                True,
-                why if finite else "",
-            )
-            mc = min_correction
-            if not finite:
-                rep.corrected, rep.reason = False, "estimate not finite"
-            elif abs(dx_px) < mc and abs(dy_px) < mc and abs(phi) < mc:
-                rep.corrected, rep.reason = False, "below min_correction"
-            elif abs(phi) > 90:
-                rep.corrected, rep.reason = False, f"rotation {phi:.1f} deg beyond +-90"
-            w.report = rep
+            m = est.motion[i].double()
+            if bool(torch.isfinite(m).all()):
+                w.seed = m
+
+
+def reference_image(ref: Reference, calibration: CalibrationStore, device: torch.device) -> str | None:
+    """Fill ``ref.maps`` and ``ref.image`` (SENSE image of the reference on its acquired samples, prewhitened
+    model) on first use; returns the reason when there are no coil maps."""
+    if ref.maps is None:
+        ref.maps = coil_maps_for(ref.slice, calibration, device)
+    if isinstance(ref.maps, str):
+        return ref.maps
+    if ref.image is None:
+        a = ref.slice
+        maps = ref.maps.to(device)
+        y = torch.from_numpy(a.kspace).to(device)
+        mask = torch.from_numpy(a.samples()).to(device)
+        ref.image = sense_reconstruct(
+            y[None], mask[None], maps[None], None, a.pixel_spacing_mm, REFERENCE_ITERATIONS, REFERENCE_LAMBDA
+        )[0]
+    return None
+
+
+@dataclass
+class Decision:
+    """Whether a slice is corrected, the flag, the reason and the p-value of its test."""
+
+    corrected: bool
+    flagged: bool
+    reason: str
+    p_value: float
+
+
+def decide(
+    motion: tuple[float, float, float],
+    chi2: float,
+    dof: int,
+    params: GadgetParams,
+    pixel_spacing_mm: tuple[float, float],
+    ambiguous: bool = False,
+) -> Decision:
+    """The do-no-harm rule of ``docs/gadget.md`` for one estimate ``(dx_px, dy_px, phi_deg)``."""
+    dx, dy, phi = motion
+    p = float(chi2_law.sf(chi2, dof)) if not math.isnan(chi2) else math.nan
+    if not all(math.isfinite(v) for v in motion) or math.isnan(chi2):
+        return Decision(False, True, "estimate not finite", p)
+    threshold = float(chi2_law.isf(params.false_alarm_rate, dof))
+    dx_mm, dy_mm = abs(dx) * pixel_spacing_mm[1], abs(dy) * pixel_spacing_mm[0]
+    if max(dx_mm, dy_mm) > params.max_translation_mm or abs(phi) > params.max_rotation_deg:
+        return Decision(
+            False,
+            True,
+            f"beyond the capture range (+-{params.max_translation_mm:g} mm, "
+            f"+-{params.max_rotation_deg:g} deg): not corrected",
+            p,
+        )
+    if chi2 <= threshold:
+        return Decision(
+            False, False, f"no significant motion (chi2 {chi2:.1f} <= {threshold:.1f}, p {p:.2g})", p
+        )
+    if ambiguous:
+        return Decision(False, True, "ambiguous: another pose explains the data as well; not corrected", p)
+    mc = params.min_correction
+    if abs(dx) < mc and abs(dy) < mc and abs(phi) < mc:
+        return Decision(False, False, "below min_correction", p)
+    return Decision(True, False, "", p)
+
+
+def report_for(
+    w: SliceWork,
+    motion: tuple[float, float, float],
+    std: tuple[float, float, float],
+    chi2: float,
+    dof: int,
+    params: GadgetParams,
+    method: str,
+    ambiguous: bool = False,
+) -> MotionReport:
+    """The :class:`MotionReport` of an estimate ``(dx_px, dy_px, phi_deg)`` of ``w`` with its standard errors,
+    test statistic (``dof`` degrees of freedom) and the decision of :func:`decide`."""
+    assert w.assembled is not None and w.reference is not None
+    a = w.assembled
+    dx, dy, phi = motion
+    dx_mm, dy_mm = dx * a.pixel_spacing_mm[1], dy * a.pixel_spacing_mm[0]
+    patient = tuple(dx_mm * r + dy_mm * q for r, q in zip(a.read_dir, a.phase_dir, strict=True))
+    d = decide(motion, chi2, dof, params, a.pixel_spacing_mm, ambiguous)
+    reason = d.reason
+    if a.notes:
+        reason = f"{reason}; {a.notes}" if reason else a.notes
+    return MotionReport(
+        w.buffer.key,
+        w.reference.slice.key.repetition,
+        dx,
+        dy,
+        phi,
+        dx_mm,
+        dy_mm,
+        patient,  # type: ignore[arg-type]
+        d.flagged,
+        d.corrected,
+        reason,
+        std[0],
+        std[1],
+        std[2],
+        chi2,
+        d.p_value,
+        method,
+    )
+
+
+def _noise_var(w: SliceWork, noise: NoiseStore, n_coils: int) -> tuple[np.ndarray | None, float, str]:
+    """Whitening matrix (or None), the noise variance per sample of the (whitened) data, and its source."""
+    assert w.assembled is not None
+    acq = w.buffer.acquisitions[0]
+    white = noise.whitening(n_coils, float(acq.sample_time_us))
+    if white is not None:
+        return white, 1.0, f"noise lines ({noise.n_lines})"
+    a = w.assembled
+    return None, data_noise_variance(a.kspace, a.samples()), "estimated from the data"
+
+
+def estimate_motion(
+    work: list[SliceWork],
+    estimator: NetworkEstimator,
+    r_net: int,
+    params: GadgetParams,
+    calibration: CalibrationStore,
+    noise: NoiseStore,
+    device: torch.device,
+) -> None:
+    """Estimate every slice of ``work`` that has a reference and no report yet; fill ``w.report``."""
+    todo = [w for w in work if w.report is None and w.reference is not None and w.assembled is not None]
+    _network_seeds(todo, estimator, r_net)
+    groups: dict[tuple[object, ...], list[SliceWork]] = {}
+    for w in todo:
+        assert w.reference is not None and w.assembled is not None
+        why = reference_image(w.reference, calibration, device)
+        if why is not None:
+            _translation_only(w, why, params, noise)
+            continue
+        a = w.assembled
+        groups.setdefault((a.kspace.shape, a.pixel_spacing_mm), []).append(w)
+    for ws in groups.values():
+        try:
+            _fit_group(ws, params, noise, device)
+        except (InputError, RuntimeError, ValueError) as exc:
+            for w in ws:
+                assert w.reference is not None
+                ref_rep = w.reference.slice.key.repetition
+                w.report = blank_report(w.buffer.key, ref_rep, f"not estimated: {exc}")
+
+
+def _fit_group(ws: list[SliceWork], params: GadgetParams, noise: NoiseStore, device: torch.device) -> None:
+    """The data-consistency fit of slices on one grid (module docstring, steps 1-3)."""
+    a0 = ws[0].assembled
+    assert a0 is not None
+    spacing = a0.pixel_spacing_mm
+    n_c = a0.kspace.shape[0]
+    ys, maps, refs, masks, nvs, sources = [], [], [], [], [], []
+    for w in ws:
+        assert w.assembled is not None and w.reference is not None
+        assert isinstance(w.reference.maps, torch.Tensor) and w.reference.image is not None
+        white, nv, source = _noise_var(w, noise, n_c)
+        y = apply_whitening(white, torch.from_numpy(w.assembled.kspace).to(device), 0)
+        m = apply_whitening(white, w.reference.maps.to(device), 0)
+        ys.append(y)
+        maps.append(m)
+        refs.append(w.reference.image.to(device))
+        masks.append(torch.from_numpy(w.assembled.samples() & w.reference.slice.samples()).to(device))
+        nvs.append(nv)
+        sources.append(source)
+    kspace = torch.stack(ys)
+    problems = ShotProblems.from_masks(kspace, torch.stack(masks)[:, None])
+    problems, vmaps = problems.compressed(kspace, torch.stack(maps), N_VIRTUAL)
+    reference = torch.stack(refs)
+    sigma2 = torch.tensor(nvs, dtype=torch.float64, device=device)
+    # the data's own estimate when there were no noise lines: at least the residual's scale is used below
+    lim_t = (params.max_translation_mm / spacing[1], params.max_translation_mm / spacing[0])
+    angles = torch.arange(
+        -params.max_rotation_deg, params.max_rotation_deg + 1e-9, ANGLE_STEP_DEG, dtype=torch.float64
+    )
+    cands = coarse_search(
+        reference, vmaps, problems, angles, spacing, n_candidates=2, n_translations=1,
+        max_translation_px=lim_t,
+    )
+    extra = torch.zeros(len(ws), 2, 3, dtype=torch.float64, device=device)  # zero motion, network seed
+    for i, w in enumerate(ws):
+        if w.seed is not None:
+            extra[i, 1] = w.seed.to(device)
+    cands = torch.cat([extra, cands.to(device)], 1)
+    noise_var = 2 * sigma2[problems.slice_index]  # moved slice + reference image noise along the fit
+    fit = fit_shots(reference, vmaps, problems, cands, spacing, noise_var, keep=2, use_neighbours=False)
+    for i, w in enumerate(ws):
+        motion = tuple(float(v) for v in fit.motion[i])
+        std = tuple(float(v) for v in fit.std[i])
+        seed = "network seed + global search" if w.seed is not None else f"global search ({w.network_note})"
+        method = f"data-consistency fit ({seed}); noise: {sources[i]}"
+        ratio = float(fit.rss[i] / (fit.n_samples[i] * sigma2[i]))
+        method += f"; residual/noise {ratio:.2f}"
+        w.report = report_for(
+            w, motion, std, float(fit.statistic[i]), 3, params, method, bool(fit.ambiguous[i])  # type: ignore[arg-type]
+        )
+
+
+def _translation_only(w: SliceWork, why: str, params: GadgetParams, noise: NoiseStore) -> None:
+    """No coil maps: the network's estimate, tested with the translation-only ramp model (2 dof)."""
+    assert w.assembled is not None and w.reference is not None
+    a, r = w.assembled, w.reference.slice
+    if w.seed is None:
+        w.report = blank_report(w.buffer.key, r.key.repetition, f"not estimated: {why}; {w.network_note}")
+        return
+    dx, dy, phi = (float(v) for v in w.seed.tolist())
+    white, nv, source = _noise_var(w, noise, a.kspace.shape[0])
+    y = apply_whitening(white, torch.from_numpy(a.kspace), 0)
+    yr = apply_whitening(white, torch.from_numpy(r.kspace), 0)
+    common = torch.from_numpy(a.samples() & r.samples())
+    n_ky, n_kx = a.kspace.shape[1:]
+    ky = (torch.arange(n_ky) - n_ky // 2).double()[:, None] / n_ky
+    kx = (torch.arange(n_kx) - n_kx // 2).double()[None, :] / n_kx
+    ramp = torch.polar(torch.ones(n_ky, n_kx, dtype=torch.float64), -2 * math.pi * (kx * dx + ky * dy))
+    rss0 = float(((y - yr).abs().square() * common).sum())
+    rss1 = float(((y - ramp.to(torch.complex64) * yr).abs().square() * common).sum())
+    chi2 = 2 * (rss0 - rss1) / (2 * nv) if math.isfinite(nv) and nv > 0 else math.nan
+    nan3 = (math.nan, math.nan, math.nan)
+    method = f"network only, translation test; noise: {source}"
+    rep = report_for(w, (dx, dy, phi), nan3, chi2, 2, params, method)
+    if rep.corrected:
+        rep.reason = f"translation only: {why}" + (f"; {rep.reason}" if rep.reason else "")
+    w.report = rep

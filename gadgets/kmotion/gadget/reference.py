@@ -28,6 +28,7 @@ class Reference:
 
     slice: AssembledSlice
     maps: torch.Tensor | str | None = None  # None: not computed yet; str: why there are none
+    image: torch.Tensor | None = None  # SENSE image (n_y, n_x) of the reference, computed on first use
 
 
 References = dict[tuple[int, int, int, int], Reference]
@@ -43,6 +44,8 @@ class SliceWork:
     assembled: AssembledSlice | None = None
     reference: Reference | None = None
     crops: tuple[torch.Tensor, torch.Tensor] | None = None
+    seed: torch.Tensor | None = None  # the network's (dx_px, dy_px, phi_deg), a starting point of the fit
+    network_note: str = ""  # why the network gave no seed
     new_data: list[tuple[ismrmrd.Acquisition, np.ndarray]] | None = None
     traj: list[np.ndarray] | None = None
 
