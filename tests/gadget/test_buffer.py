@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import ismrmrd
 import ismrmrd.xsd
 import numpy as np
 import pytest
 import torch
+from _helpers import REPO_ROOT
 
 from kmotion.gadget import SliceBuffer, assemble, buffer_slices
 from kmotion.gadget.classify import IMAGING, NON_IMAGING_FLAGS, classify
@@ -325,3 +327,24 @@ def test_pulseq_style_2d_with_encoded_z_2_stays_2d(ism, step2) -> None:
     assert a.correctable, a.reason
     assert a.partitions is None and a.partition_mask is None
     np.testing.assert_allclose(a.kspace[:, rows], k[:, rows], rtol=1e-6, atol=1e-6)
+
+
+def test_docs_table_names_every_flag_and_counter() -> None:
+    """docs/gadget.md, "Acquisition flags and counters": a row for every ``ACQ_*`` flag of the installed
+    package and every ``idx`` counter, and every test a row names exists in ``tests/``."""
+    text = (REPO_ROOT / "docs" / "gadget.md").read_text()
+    section = text.split("## Acquisition flags and counters", 1)[1].split("\n## ", 1)[0]
+    rows = [ln for ln in section.splitlines() if ln.startswith("| ")]
+    flag_rows = " ".join(r.split(" | ")[0] for r in rows)
+    missing = [n for n in ALL_FLAGS if f"`{n}`" not in flag_rows]
+    assert missing == []
+    counters = [c for c in dir(ismrmrd.Acquisition().idx) if not c.startswith("_")]
+    assert sorted(counters) == sorted(
+        ["average", "contrast", "kspace_encode_step_1", "kspace_encode_step_2", "phase", "repetition"]
+        + ["segment", "set", "slice", "user"]
+    )
+    assert [c for c in counters if not any(r.startswith(f"| `{c}`") for r in rows)] == []
+    sources = "\n".join(p.read_text() for p in (REPO_ROOT / "tests").rglob("test_*.py"))
+    named = set(re.findall(r"`(test_\w+)", section))
+    assert len(named) > 20
+    assert sorted(t for t in named if f"def {t}(" not in sources) == []
