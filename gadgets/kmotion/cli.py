@@ -6,11 +6,12 @@ demo        the streaming demo: simulate-raw -> replay -> PNG report, CSV, MAE a
             Siemens phantom; ``--pairs``: simulate the study's training pairs and draw a few)
 simulate    simulate pairs and save them (``.npz``) with the study configuration
 inspect     load users' raw data (ISMRMRD/fastMRI ``.h5``, Siemens ``.dat``) as base images and plot them
-stream      MRD v1 stream on stdin through the motion-correction gadget to stdout
+stream      MRD v1 or v2 stream on stdin through the motion-correction gadget to stdout
 serve       FIRE-style MRD server answering with motion-corrected images
 gadgetron   the Gadgetron external gadget, listening for a chain's <connect port=...>
 simulate-raw  write a simulated multi-coil ISMRMRD acquisition with known rigid motion
-replay      stream an ISMRMRD ``.h5`` file through the motion-correction gadget (corrected data, images, CSV)
+replay      stream an ISMRMRD ``.h5`` (or MRD v2) file through the motion-correction gadget (corrected data,
+            images, CSV)
 """
 
 from __future__ import annotations
@@ -233,7 +234,7 @@ def cmd_simulate_raw(args: argparse.Namespace) -> int:
         f"wrote {out}: {n_acq} acquisitions ({cfg.n_coils} coils, {cfg.n_slices} slice(s), "
         f"{cfg.n_repetitions} repetitions, matrix {cfg.matrix[0]} x {cfg.matrix[1]}, FOV "
         f"{cfg.fov_mm[0]:g} x {cfg.fov_mm[1]:g} mm, R = {cfg.acceleration}, {cfg.calibration_lines} "
-        f"calibration lines), true motion in /kmotion/true_motion:"
+        f"calibration lines), true motion in /dataset/kmotion_true_motion:"
     )
     print("repetition,dx_px,dy_px,phi_deg,dx_mm,dy_mm")
     for t in raw.truth:
@@ -307,6 +308,7 @@ def _run_replay(args: argparse.Namespace) -> int:
         motion_csv=args.motion_csv,
         dataset=args.dataset,
         progress=False if args.no_progress else None,
+        out_format=args.format,
     )
     n_corr = sum(r["corrected"] for r in res.rows)
     print(
@@ -328,8 +330,14 @@ def _run_replay(args: argparse.Namespace) -> int:
 
 def _replay_parser(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("replay", help="stream an ISMRMRD .h5 file through the motion-correction gadget")
-    r.add_argument("input", help="ISMRMRD .h5 raw data")
-    r.add_argument("out", help="ISMRMRD .h5 to write: corrected acquisitions, images, estimates")
+    r.add_argument("input", help="ISMRMRD .h5 raw data, or an MRD v2 (mrd-python binary) file")
+    r.add_argument("out", help="file to write: corrected acquisitions, images, estimates")
+    r.add_argument(
+        "--format",
+        default="auto",
+        choices=("auto", "mrd1", "mrd2"),
+        help="output: mrd1 = ISMRMRD .h5, mrd2 = MRD v2 binary stream file (default auto: the input's)",
+    )
     r.add_argument("--motion-csv", default=None, help="CSV of the estimates, one row per slice/repetition")
     r.add_argument("--model", default=None, help="estimator weights (.safetensors; default: shipped)")
     r.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -390,7 +398,15 @@ def cmd_stream(args: argparse.Namespace) -> int:
     from kmotion.frontends.mrd_stream import run_stream
 
     props = _gadget_properties(args)
-    return run_stream(sys.stdin.buffer, sys.stdout.buffer, props, images=args.images, limits=_limits(args))
+    return run_stream(
+        sys.stdin.buffer,
+        sys.stdout.buffer,
+        props,
+        images=args.images,
+        limits=_limits(args),
+        out_format=args.format,
+        motion_csv=args.motion_csv,
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -430,10 +446,17 @@ def cmd_gadgetron(args: argparse.Namespace) -> int:
 def _add_gadget_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     st = sub.add_parser(
         "stream",
-        help="MRD v1 stream on stdin -> motion-corrected stream on stdout (estimates as TEXT; log on stderr)",
+        help="MRD v1 or v2 stream on stdin -> motion-corrected stream on stdout (log on stderr)",
     )
     _gadget_options(st)
-    st.add_argument("--images", action="store_true", help="also send the reconstructed images (1022)")
+    st.add_argument("--images", action="store_true", help="also send the reconstructed images")
+    st.add_argument(
+        "--format",
+        default="auto",
+        choices=("auto", "mrd1", "mrd2"),
+        help="output stream format (default auto: the input's, detected from its first bytes)",
+    )
+    st.add_argument("--motion-csv", default=None, help="also write the estimates to this CSV file")
     st.set_defaults(func=cmd_stream)
 
     sv = sub.add_parser("serve", help="FIRE-style MRD server (python-ismrmrd-server clients)")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import h5py
 import ismrmrd
+import mrd
 import numpy as np
 import pytest
 
@@ -19,6 +20,7 @@ from kmotion.frontends.replay import CORRECTED, UNCORRECTED, _relative_truth
 from kmotion.io.estimates import CSV_COLUMNS, TRUE_COLUMNS, read_estimates, read_motion_csv
 from kmotion.io.ismrmrd_reader import open_ismrmrd, read_images
 from kmotion.io.ismrmrd_writer import TrueMotion, read_true_motion
+from kmotion.io.mrd_v2 import Mrd2FileWriter
 from kmotion.simulation.raw import RawConfig, simulate_raw, write_raw
 
 # the network needs >= 64 acquired rows: 128 rows at R = 2
@@ -275,3 +277,63 @@ def test_shepp_logan_of_the_cpp_tool_through_replay(tmp_path: Path) -> None:
     assert len(read_motion_csv(csv_path)) == len(rows)
     assert _last_group_like_mrpro(out) == ("dataset", len(src))
     _cpp_reads(out, tmp_path)
+
+
+# ---- MRD v2 files ---------------------------------------------------------------------------------------
+
+
+def _v2_read(path: Path) -> tuple[mrd.Header, list[mrd.StreamItem]]:
+    with mrd.BinaryMrdReader(str(path)) as r:
+        return r.read_header(), list(r.read_data())
+
+
+def test_replay_mrd2_in_and_out(replayed: dict[str, Path], tmp_path: Path) -> None:
+    """The simulated acquisition as an MRD v2 file: replay detects it, writes MRD v2 (every acquisition and
+    waveform, headers as read, the same corrected data as the .h5 replay, images with the estimates in their
+    meta), the truth comes from the header; --format mrd1 writes the .h5 instead, and .h5 -> --format mrd2."""
+    src = open_ismrmrd(replayed["raw"])
+    v2_in = tmp_path / "raw.mrd"
+    with Mrd2FileWriter(v2_in, src.xml, None) as w:
+        for item in src.items():
+            w.append(item)
+    out, csv_path = tmp_path / "out.mrd", tmp_path / "m.csv"
+    args = ["replay", str(v2_in), str(out), "--motion-csv", str(csv_path), "--device", "cpu", "--no-progress"]
+    assert main(args) == 0
+    h_in, items_in = _v2_read(v2_in)
+    h_out, items_out = _v2_read(out)
+    assert h_out == h_in
+    acqs = [i.value for i in items_out if isinstance(i, mrd.StreamItem.Acquisition)]
+    waves = [i.value for i in items_out if isinstance(i, mrd.StreamItem.WaveformUint32)]
+    images = [i.value for i in items_out if isinstance(i, mrd.StreamItem.ImageFloat)]
+    assert len(acqs) == src.n_acquisitions and len(waves) == 3 and len(images) == 6
+    h5_out = _acqs(replayed["out"])  # the .h5 replay of the same data: the same corrected data
+    by_counter = {int(a.scan_counter): a for a in h5_out}
+    in_acqs = [i.value for i in items_in if isinstance(i, mrd.StreamItem.Acquisition)]
+    inputs = {a.head.scan_counter: a for a in in_acqs}
+    for b in acqs:
+        assert b.head == inputs[b.head.scan_counter].head
+        np.testing.assert_array_equal(b.data, by_counter[b.head.scan_counter].data)
+    corrected = [im for im in images if im.head.image_series_index == 2]
+    assert sorted(im.head.repetition for im in corrected) == [0, 1, 2]
+    assert all("kmotion_dx_px" in im.meta for im in corrected)
+    rows = read_motion_csv(csv_path)
+    assert [r["repetition"] for r in rows] == [0, 1, 2] and "true_dx_px" in rows[0]  # truth from the header
+
+    h5 = tmp_path / "out.h5"
+    assert main(["replay", str(v2_in), str(h5), "--format", "mrd1", "--device", "cpu", "--no-progress"]) == 0
+    assert _last_group_like_mrpro(h5) == ("dataset", src.n_acquisitions)
+    assert [r["repetition"] for r in read_estimates(h5)] == [0, 1, 2]
+    v2_out = tmp_path / "from_h5.mrd"
+    args = ["replay", str(replayed["raw"]), str(v2_out), "--format", "mrd2", "--device", "cpu"]
+    assert main([*args, "--no-progress"]) == 0
+    _, items = _v2_read(v2_out)
+    assert sum(isinstance(i, mrd.StreamItem.Acquisition) for i in items) == src.n_acquisitions
+
+
+def test_replay_bad_mrd2_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "cut.mrd"
+    bad.write_bytes(b"yardl" + bytes(40))
+    assert main(["replay", str(bad), str(tmp_path / "o.mrd")]) == 2
+    err = capsys.readouterr().err
+    assert "cut.mrd" in err and "MRD v2" in err and "Traceback" not in err
+    assert not (tmp_path / "o.mrd").exists()

@@ -13,6 +13,7 @@ import torch
 from _helpers import REPO_ROOT
 
 from kmotion.gadget import SliceBuffer, assemble, buffer_slices
+from kmotion.gadget.assemble import line_layout
 from kmotion.gadget.classify import IMAGING, NON_IMAGING_FLAGS, classify
 from kmotion.io.ismrmrd_h5 import SKIP_FLAGS
 from kmotion.physics.fft import ifft1c
@@ -311,6 +312,10 @@ def test_3d_volume_is_one_group_per_repetition(ism, kz_outer: bool, limits: bool
     expected = ifft1c(torch.from_numpy(vols[1]), dim=1).numpy()  # hybrid space: z in the image domain
     np.testing.assert_allclose(a.partitions, expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(a.kspace, expected[:, n_z // 2], rtol=1e-5, atol=1e-5)
+    for ln in line_layout(out[1])[2]:  # write-back places each line on the (kz, ky) grid it came from
+        np.testing.assert_array_equal(
+            ln.acq.data[:, ln.samples], vols[1][:, ln.plane, ln.row, ln.col : ln.col + ln.n]
+        )
 
 
 @pytest.mark.parametrize("step2", [None, (0, 0, 0)])

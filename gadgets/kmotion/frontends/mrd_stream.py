@@ -1,16 +1,20 @@
-"""``kmotion stream``: an MRD v1 stream (stdin) through the motion-correction pipeline to an MRD v1 stream.
+"""``kmotion stream``: an MRD stream (stdin) through the motion-correction pipeline to an MRD stream (stdout).
 
 :func:`read_preamble` reads what comes before the data (CONFIG_FILE / CONFIG_TEXT, HEADER, TEXT parameters);
 :class:`Feed` yields the data items until CLOSE and keeps a protocol error for after the flush;
 :func:`run_stream` runs the pipeline and writes its output.  The FIRE server shares the first two.  The wire
-format itself is :mod:`kmotion.io.mrd_v1`.
+formats are :mod:`kmotion.io.mrd_v1` and MRD v2 (:mod:`kmotion.io.mrd_v2`, the ``mrd-python`` package): the
+input's format is detected from its first bytes (:func:`~kmotion.io.mrd_v2.sniff`), the output's is the
+input's or the one asked for (:func:`stream_endpoints`); an MRD v2 stream is read and written through the
+same message interface, so both run the same code.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Mapping
-from typing import BinaryIO
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import ismrmrd
 import ismrmrd.xsd
@@ -22,9 +26,11 @@ from kmotion.frontends.properties import (
     properties_from_config_text,
     properties_from_json,
 )
+from kmotion.io.estimates import row_from_report, write_motion_csv
 from kmotion.io.mrd_v1 import (
     FileSource,
     Limits,
+    Message,
     MessageId,
     MessageReader,
     MessageWriter,
@@ -34,9 +40,10 @@ from kmotion.io.mrd_v1 import (
     message_name,
     parse_header,
 )
+from kmotion.io.mrd_v2 import Mrd2Context, Mrd2MessageReader, Mrd2MessageWriter, sniff
 from kmotion.physics.validate import InputError
 
-__all__ = ["Feed", "read_preamble", "run_stream"]
+__all__ = ["FORMATS", "Feed", "read_preamble", "run_stream", "stream_endpoints"]
 
 log = logging.getLogger("kmotion.gadget")
 
@@ -125,6 +132,48 @@ def read_preamble(
     return header, config_name, props, first
 
 
+FORMATS = ("auto", "mrd1", "mrd2")
+"""Output formats of :func:`run_stream`: ``auto`` (the input's), MRD v1, MRD v2."""
+
+
+class _NotAStream:
+    """The reader of an input that is an HDF5 file: its first read says so (a protocol error)."""
+
+    peer = "input stream"
+    n_messages = 0
+
+    def read_message(self) -> Message | None:
+        raise ProtocolError(
+            "input stream: expected an MRD v1 or MRD v2 stream, got an HDF5 file (an ISMRMRD .h5 file: "
+            "run kmotion replay IN.h5 OUT.h5 on it)"
+        )
+
+
+def stream_endpoints(
+    inp: BinaryIO, out: BinaryIO, limits: Limits, out_format: str = "auto"
+) -> tuple[Any, Any, str, str]:
+    """The message reader of ``inp`` (MRD v1 or v2, from its first bytes) and the writer of ``out``.
+
+    Returns ``(reader, writer, input format, output format)``; ``out_format`` is one of :data:`FORMATS`.
+    MRD v2 items that MRD v1 cannot hold pass through untouched to MRD v2 output and are dropped, each
+    with a WARNING, from MRD v1 output.
+    """
+    if out_format not in FORMATS:
+        raise ValueError(f"output format: expected one of {FORMATS}, got {out_format!r}")
+    in_format, stream = sniff(inp)
+    fmt = out_format if out_format != "auto" else ("mrd2" if in_format == "mrd2" else "mrd1")
+    context = Mrd2Context()
+    reader: Any
+    if in_format == "mrd2":
+        reader = Mrd2MessageReader(stream, context, keep_other=fmt == "mrd2", peer="input stream")
+    elif in_format == "hdf5":
+        reader = _NotAStream()
+    else:
+        reader = MessageReader(FileSource(stream), limits, peer="input stream")
+    writer: Any = Mrd2MessageWriter(out, context) if fmt == "mrd2" else MessageWriter(out.write, out.flush)
+    return reader, writer, in_format, fmt
+
+
 def run_stream(
     inp: BinaryIO,
     out: BinaryIO,
@@ -132,12 +181,17 @@ def run_stream(
     factory: PipelineFactory = kmotion_pipeline,
     images: bool = False,
     limits: Limits | None = None,
+    out_format: str = "auto",
+    motion_csv: str | Path | None = None,
 ) -> int:
-    """``kmotion stream``: an MRD v1 stream on ``inp`` through the pipeline to ``out``.
+    """``kmotion stream``: an MRD v1 or MRD v2 stream on ``inp`` through the pipeline to ``out``.
 
-    Output: HEADER, every item the pipeline yields (corrected acquisitions, waveforms, ...) with one TEXT
-    ``{"kmotion_estimate": {...}}`` before each slice's lines, optionally the reconstructed images (after
-    all data), then CLOSE.  ``properties`` (command line) override those of the stream (CONFIG_TEXT, TEXT).
+    Output (MRD v1): HEADER, every item the pipeline yields (corrected acquisitions, waveforms, ...) with one
+    TEXT ``{"kmotion_estimate": {...}}`` before each slice's lines, optionally the reconstructed images (after
+    all data), then CLOSE.  MRD v2 output (``out_format``, default: the input's format): the header and the
+    same items (MRD v2 has no TEXT: the estimates are in the log, in ``motion_csv`` and, with ``images``, in
+    the images' meta).  ``motion_csv``: also write the estimates as CSV (:mod:`kmotion.io.estimates`).
+    ``properties`` (command line) override those of the stream (CONFIG_TEXT, TEXT).
     When the pipeline cannot be set up (bad property, missing model), the data pass through untouched.
     Errors are logged and sent as TEXT ``ERROR ...`` (``ProtocolDeserializer`` reads TEXT, not ERROR).
 
@@ -146,9 +200,9 @@ def run_stream(
     int
         0, or 2 after an error.
     """
-    reader = MessageReader(FileSource(inp), limits or Limits(), peer="input stream")
-    writer = MessageWriter(out.write, out.flush)
+    reader, writer, in_format, fmt = stream_endpoints(inp, out, limits or Limits(), out_format)
     errors: list[str] = []
+    reports: list[Any] = []
     try:
         header, config_name, props, first = read_preamble(reader)
     except ProtocolError as exc:
@@ -175,6 +229,7 @@ def run_stream(
         for item in outputs:
             if hasattr(item, "as_dict") and hasattr(item, "log_line"):
                 n_reports += 1
+                reports.append(item)
                 log.debug("%s", item.log_line())  # the pipeline logs it at INFO
                 writer.text(estimate_text(item))
             elif isinstance(item, str):
@@ -199,7 +254,10 @@ def run_stream(
         except Exception as exc:
             errors.append(f"image reconstruction failed: {type(exc).__name__}: {exc}")
             log.error("kmotion stream: %s", errors[-1])
-    log.info("kmotion stream: %d items in, %d out, %d estimates", feed.n, n_out, n_reports)
+    counts = (feed.n, in_format, n_out, fmt, n_reports)
+    log.info("kmotion stream: %d items in (%s), %d out (%s), %d estimates", *counts)
+    if motion_csv is not None:
+        write_motion_csv([row_from_report(r.as_dict()) for r in reports], motion_csv)
     for e in errors:
         writer.text(f"ERROR kmotion stream: {e}")
     writer.close()

@@ -18,6 +18,13 @@
 Both tables live inside the ISMRMRD group, so the file has one top-level group and readers that take the last
 (mrpro) or the only group (FIRE tools) open the raw data (:mod:`kmotion.io.estimates`).
 
+MRD v2: an input file that starts with the MRD v2 magic bytes is read as an MRD v2 binary stream
+(:mod:`kmotion.io.mrd_v2`; the true motion then comes from the header's ``kmotion.true_motion``).  The output
+is written in the input's format unless ``out_format`` says otherwise: ``mrd1`` the ISMRMRD ``.h5`` above,
+``mrd2`` an MRD v2 stream file with the header, every acquisition and waveform in stream order (unchanged
+ones exactly as read), then the corrected and the uncorrected images (image series 2 and 1, the estimates in
+their meta ``kmotion_*``); MRD v2 has no place for the tables: use ``motion_csv``.
+
 ``--motion-csv PATH`` writes the same rows as CSV (:data:`kmotion.io.estimates.CSV_COLUMNS`): ``slice,
 contrast, phase, repetition, set, reference_repetition, dx_px, dy_px, rot_deg, dx_std_px, dy_std_px,
 rot_std_deg, dx_mm, dy_mm, patient_x_mm, patient_y_mm, patient_z_mm, chi2, p_value, flagged, corrected,
@@ -46,7 +53,14 @@ from kmotion.gadget.recon import reconstruct_images
 from kmotion.io.estimates import TRUE_COLUMNS, row_from_report, write_estimates, write_motion_csv
 from kmotion.io.ismrmrd_h5 import parse_encoding
 from kmotion.io.ismrmrd_reader import open_ismrmrd
-from kmotion.io.ismrmrd_writer import IsmrmrdWriter, TrueMotion, read_true_motion, write_true_motion
+from kmotion.io.ismrmrd_writer import (
+    IsmrmrdWriter,
+    TrueMotion,
+    read_true_motion,
+    true_motion_from_header,
+    write_true_motion,
+)
+from kmotion.io.mrd_v2 import Mrd2FileWriter, is_mrd2_file, open_mrd2
 from kmotion.physics.validate import InputError
 
 __all__ = ["CORRECTED", "UNCORRECTED", "ReplayResult", "estimate_rows", "replay", "summarise"]
@@ -72,6 +86,8 @@ class ReplayResult:
     n_images_corrected: int
     seconds: float
     summary: dict[str, float] = field(default_factory=dict)
+    format: str = "mrd1"
+    """Format of ``out``: ``mrd1`` (ISMRMRD ``.h5``) or ``mrd2`` (MRD v2 stream file)."""
 
 
 def _relative_truth(
@@ -155,13 +171,15 @@ def replay(
     motion_csv: str | Path | None = None,
     dataset: str = "dataset",
     progress: bool | None = None,
+    out_format: str = "auto",
 ) -> ReplayResult:
     """Stream ``in_path`` through the gadget and write ``out_path`` (contents in the module docstring).
 
     Parameters
     ----------
     in_path, out_path
-        Input and output ISMRMRD ``.h5`` files (the output is replaced; it must differ from the input).
+        Input and output files: ISMRMRD ``.h5`` or MRD v2 (the output is replaced; it must differ from the
+        input).
     params
         Gadget parameters (default :class:`GadgetParams()`).
     motion_csv
@@ -170,6 +188,8 @@ def replay(
         ISMRMRD group name in both files.
     progress
         tqdm progress bar over the input items (None: only on a terminal).
+    out_format
+        ``auto`` (the input's format), ``mrd1`` (ISMRMRD ``.h5``) or ``mrd2`` (MRD v2 stream file).
 
     Raises
     ------
@@ -177,12 +197,22 @@ def replay(
         For a missing, non-HDF5 or malformed input (message names the file and the field).
     """
     t0 = time.perf_counter()
-    src = open_ismrmrd(in_path, dataset)
+    in_mrd2 = is_mrd2_file(in_path)
+    src: Any = open_mrd2(in_path) if in_mrd2 else open_ismrmrd(in_path, dataset)
+    if out_format not in ("auto", "mrd1", "mrd2"):
+        raise InputError(f"output format: expected auto, mrd1 or mrd2, got {out_format!r}")
+    fmt = ("mrd2" if in_mrd2 else "mrd1") if out_format == "auto" else out_format
+    if getattr(src, "n_other", 0):
+        log.warning(
+            "%s: %d item(s) that are neither acquisitions nor waveforms are not replayed",
+            src.path,
+            src.n_other,
+        )
     out = Path(out_path)
     if out.resolve() == src.path.resolve():
         raise InputError(f"{out}: the output file must differ from the input file")
     params = GadgetParams() if params is None else params
-    truth = read_true_motion(src.path, dataset)
+    truth = (None if in_mrd2 else read_true_motion(src.path, dataset)) or true_motion_from_header(src.header)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists():
         out.unlink()
@@ -191,7 +221,12 @@ def replay(
     counts = {"acq": 0, "wave": 0, "corr": 0, "img_c": 0, "img_u": 0}
     n_items = src.n_acquisitions + src.n_waveforms
     try:
-        with IsmrmrdWriter(out, src.xml, dataset) as writer:
+        writer: Any = (
+            Mrd2FileWriter(out, src.xml, getattr(src, "context", None))
+            if fmt == "mrd2"
+            else IsmrmrdWriter(out, src.xml, dataset)
+        )
+        with writer:
 
             def tee(items: Iterable[object]) -> Iterator[object]:
                 for item in items:
@@ -237,9 +272,10 @@ def replay(
             f"{counts['acq']} and {counts['wave']} out"
         )
     rows = estimate_rows(reports, truth, _spacing(src.header))
-    write_estimates(out, rows, [r.as_dict() for r in reports], dataset)
-    if truth is not None:
-        write_true_motion(out, truth, dataset)
+    if fmt == "mrd1":
+        write_estimates(out, rows, [r.as_dict() for r in reports], dataset)
+        if truth is not None:
+            write_true_motion(out, truth, dataset)
     if motion_csv is not None:
         write_motion_csv(rows, motion_csv)
     return ReplayResult(
@@ -254,4 +290,5 @@ def replay(
         n_images_corrected=counts["img_c"],
         seconds=time.perf_counter() - t0,
         summary=summarise(rows),
+        format=fmt,
     )

@@ -281,7 +281,7 @@ class LinePlace:
     centre: int  # centre sample in k-space order on the whole line (center_sample, 0 -> n_samples // 2)
     samples: np.ndarray  # (n,) raw sample indices of the kept samples in k-space order
     reverse: bool = False  # ACQ_IS_REVERSE: raw samples in time order, k-space order reversed
-    partition: int = 0  # kspace_encode_step_2 (3D encodings)
+    plane: int = 0  # 3D encodings: the partition's index on the kz grid of ``assemble`` (0 for 2D)
 
     def kx(self) -> np.ndarray:
         """``(number_of_samples,)`` float: k-space position of every raw sample (in stored order), in
@@ -293,7 +293,8 @@ class LinePlace:
 
 
 def line_layout(buffer: SliceBuffer) -> tuple[int, int, list[LinePlace]]:
-    """Readout grid length ``n_ro``, returned ``n_x`` and each line's place, exactly as ``assemble``."""
+    """Readout grid length ``n_ro``, returned ``n_x`` and each line's place, exactly as ``assemble`` (for a
+    3D group, ``LinePlace.plane`` is the line's partition on the kz grid before the transform along kz)."""
     geo = buffer.geometry
     enc = geo.encoding
     n_ky = enc.encoded_matrix[1]
@@ -307,9 +308,13 @@ def line_layout(buffer: SliceBuffer) -> tuple[int, int, list[LinePlace]]:
             lengths.append(centred_length(n, centre))
         lines.append((a, order, centre, k_centre))
     n_ro, n_x, _ = readout_grid(enc, max(lengths, default=enc.encoded_matrix[0]))
+    n_z = enc.encoded_matrix[2]
+    three_d = n_z > 1 and any(int(a.idx.kspace_encode_step_2) != 0 for a in buffer.acquisitions)
+    c_kz = geo.partition_range[2]
     out = []
     for a, order, centre, k_centre in lines:
         row = int(a.idx.kspace_encode_step_1) - c_ky + n_ky // 2
+        plane = int(a.idx.kspace_encode_step_2) - c_kz + n_z // 2 if three_d else 0
         out.append(
             LinePlace(
                 a,
@@ -320,7 +325,7 @@ def line_layout(buffer: SliceBuffer) -> tuple[int, int, list[LinePlace]]:
                 k_centre,
                 order,
                 a.is_flag_set(ismrmrd.ACQ_IS_REVERSE),
-                int(a.idx.kspace_encode_step_2),
+                plane,
             )
         )
     return n_ro, n_x, out
