@@ -162,7 +162,7 @@ class SliceGeometry:
             for i in range(1, len(header.encoding)):
                 try:
                     others.append(cls.from_header(header, i))
-                except (InputError, ValueError, TypeError, AttributeError) as exc:
+                except Exception as exc:  # any header problem of a further encoding: its reason
                     others.append(f"encoding space {i} unusable: {exc}")
         return cls(enc, accel, step1, n_avg, None if etl is None else int(etl), step2, accel2, tuple(others))
 
