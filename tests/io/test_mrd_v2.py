@@ -266,3 +266,19 @@ def test_mrd2_file_source(tmp_path: Path) -> None:
     bad.write_bytes(path.read_bytes()[:5000])
     with pytest.raises(InputError, match="cut.bin"):
         open_mrd2(bad)
+
+
+def test_docs_output_layout_section_names_existing_tests() -> None:
+    """docs/gadget.md, "Output layout": every test a table row names exists in ``tests/``."""
+    import re
+
+    from _helpers import REPO_ROOT
+
+    text = (REPO_ROOT / "docs" / "gadget.md").read_text()
+    section = text.split("### Output layout", 1)[1].split("\n### ", 1)[0]
+    named = set(re.findall(r"`(?:[\w/]+\.py::)?(test_\w+)`", section))
+    assert len(named) >= 8
+    sources = "\n".join(p.read_text() for p in (REPO_ROOT / "tests").rglob("test_*.py"))
+    assert sorted(t for t in named if f"def {t}(" not in sources) == []
+    for path in re.findall(r"`(tests/[\w/]+\.py)", section):
+        assert (REPO_ROOT / path).is_file(), path
