@@ -313,3 +313,24 @@ def test_mrd2_bad_streams_flush_and_exit_2(ism, tmp_path) -> None:
     h5.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(100))
     rc, out = _run(h5.read_bytes())
     assert rc == 2 and "HDF5" in _errors(out)[0] and "kmotion replay" in _errors(out)[0]
+
+
+def test_kmotion_stream_command_mrd2_output(ism, tmp_path) -> None:
+    """The command's --format and --motion-csv: MRD v1 in, MRD v2 out on stdout; a missing model passes the
+    data through untouched (exit 2, the error in the log: MRD v2 has no TEXT)."""
+    hdr, items = _small(ism)
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT / "gadgets"))
+    args = ["stream", "--format", "mrd2", "--motion-csv", str(tmp_path / "m.csv")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "kmotion.cli", *args, "--model", str(tmp_path / "nope.safetensors")],
+        input=_encode(hdr, items),
+        capture_output=True,
+        timeout=120,
+        env=env,
+    )
+    assert proc.returncode == 2 and b"nope.safetensors" in proc.stderr
+    _, out = _v2_decode(proc.stdout)
+    assert len(_v2_acqs(out)) == len(_acqs(items))
+    for a, b in zip(_acqs(items), _v2_acqs(out), strict=True):
+        assert np.array_equal(a.data, b.data)
+    assert read_motion_csv(tmp_path / "m.csv") == []  # no estimates: the header line only
