@@ -24,7 +24,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeAlias
 
 import ismrmrd.xsd
 
@@ -36,10 +38,70 @@ from kmotion.gadget.estimate import estimate_motion, prepare_crops
 from kmotion.gadget.params import DEFAULT_MODEL, GadgetParams, resolve_device
 from kmotion.gadget.reference import References, SliceWork, choose_reference
 from kmotion.gadget.report import StreamSummary, blank_report
+from kmotion.io.ismrmrd_header import LenientHeader, read_header
+from kmotion.physics.validate import InputError
 
-__all__ = ["MotionCorrector", "motion_correct"]
+__all__ = ["HeaderCheck", "HeaderLike", "MotionCorrector", "check_header", "motion_correct"]
 
 log = logging.getLogger("kmotion.gadget")
+
+
+#: A stream's header as the front ends have it: parsed, read leniently, the XML text, or none.
+HeaderLike: TypeAlias = ismrmrd.xsd.ismrmrdHeader | LenientHeader | str | bytes | None
+
+PASS_THROUGH = "data passed through untouched (no motion estimation or correction)"
+"""Start of the WARNING of a stream the gadget does not handle (followed by the reason)."""
+
+
+@dataclass(frozen=True)
+class HeaderCheck:
+    """What the gadget can do with a stream's header (:func:`check_header`).
+
+    ``geometry`` is None when the stream passes through untouched; ``problem`` then says why (an unreadable
+    header, no encoding, a trajectory other than Cartesian).  ``filled`` lists the defaults of a header read
+    leniently (``kmotion.io.ismrmrd_header``).
+    """
+
+    header: ismrmrd.xsd.ismrmrdHeader | None
+    geometry: SliceGeometry | None
+    filled: tuple[str, ...] = ()
+    problem: str | None = None
+
+    def warning(self) -> str | None:
+        """The one WARNING of the stream about its header (None: nothing to say)."""
+        if self.problem is not None:
+            return f"{PASS_THROUGH}: {self.problem}"
+        if self.filled:
+            return f"ISMRMRD header read with defaults: {'; '.join(self.filled)}"
+        return None
+
+
+def check_header(header: HeaderLike, source: str = "ISMRMRD stream header") -> HeaderCheck:
+    """Read ``header`` leniently and the gadget's geometry from it; never raises for its content.
+
+    Parameters
+    ----------
+    header
+        A parsed ``ismrmrd.xsd`` header, a :class:`~kmotion.io.ismrmrd_header.LenientHeader`, the XML text
+        (read with :func:`~kmotion.io.ismrmrd_header.read_header`), or None (no header).
+    source
+        Named in the reasons.
+    """
+    if header is None:
+        return HeaderCheck(None, None, (), f"{source}: no ISMRMRD header")
+    if isinstance(header, LenientHeader):
+        lenient = header
+    elif isinstance(header, str | bytes):
+        lenient = read_header(header, source)
+    else:
+        lenient = LenientHeader("", header)
+    if lenient.header is None:
+        return HeaderCheck(None, None, lenient.filled, lenient.problem or f"{source}: unreadable")
+    try:
+        geometry = SliceGeometry.from_header(lenient.header)
+    except (InputError, AttributeError, TypeError, ValueError) as exc:  # a header object built by hand
+        return HeaderCheck(lenient.header, None, lenient.filled, str(exc))
+    return HeaderCheck(lenient.header, geometry, lenient.filled)
 
 
 class MotionCorrector:
@@ -48,26 +110,32 @@ class MotionCorrector:
     Parameters
     ----------
     header
-        The stream's ``ismrmrd.xsd`` header (first encoding, Cartesian).
+        The stream's header (:data:`HeaderLike`; read leniently, :func:`check_header`).  A header that
+        cannot be used, or one of data the gadget does not handle (no encoding, a trajectory other than
+        Cartesian), puts the corrector in pass-through: ``passthrough`` holds the reason, and each stream
+        passes through untouched with one WARNING.
     params
         Gadget parameters.
 
     Raises
     ------
     InputError
-        For a header without a usable Cartesian encoding, a missing or corrupt model, or an unusable device.
+        For a missing or corrupt model or an unusable device (never for the header).
     """
 
-    def __init__(self, header: ismrmrd.xsd.ismrmrdHeader, params: GadgetParams | None = None) -> None:
+    def __init__(self, header: HeaderLike, params: GadgetParams | None = None) -> None:
         self.params = GadgetParams() if params is None else params
-        self.header = header
-        self.geometry = SliceGeometry.from_header(header)
+        self.check = check_header(header)
+        self.passthrough: str | None = self.check.problem
+        self.header = self.check.header
+        self.geometry = self.check.geometry
         self.device = resolve_device(self.params.device)
         path = Path(self.params.model) if self.params.model else DEFAULT_MODEL
         self.estimator = NetworkEstimator.load(path, self.device)
         self.net_crop: tuple[int, int] = tuple(self.estimator.model.config.crop)  # type: ignore[assignment]
         self.net_acceleration = int(self.estimator.study.acceleration)
-        self.calibration = CalibrationStore(self.geometry)
+        if self.geometry is not None:
+            self.calibration = CalibrationStore(self.geometry)
         self.references: References = {}
 
     def __call__(self, items: Iterable[object]) -> Iterator[object]:
@@ -85,7 +153,16 @@ class MotionCorrector:
 
         At the end of a stream in which no slice group was estimated although acquisitions other than noise
         arrived, one WARNING says so (:class:`~kmotion.gadget.report.StreamSummary`).
+
+        In pass-through (``passthrough`` set) every item is yielded unchanged, after one WARNING naming the
+        reason; a header read with defaults gets one WARNING naming them.
         """
+        warning = self.check.warning()
+        if warning is not None:
+            log.warning("%s", warning)
+        if self.geometry is None or self.header is None:
+            yield from items
+            return
         self.calibration = CalibrationStore(self.geometry)
         self.references = {}
         summary = StreamSummary()
@@ -137,7 +214,7 @@ class MotionCorrector:
 
 
 def motion_correct(
-    items: Iterable[object], header: ismrmrd.xsd.ismrmrdHeader, params: GadgetParams | None = None
+    items: Iterable[object], header: HeaderLike, params: GadgetParams | None = None
 ) -> Iterator[object]:
     """Convenience: ``MotionCorrector(header, params)(items)``."""
     return MotionCorrector(header, params)(items)

@@ -125,7 +125,7 @@ class LenientHeader:
     Attributes
     ----------
     xml
-        The text as received (trailing NUL bytes removed): what a pass-through writes back.
+        The text as received (trailing NUL bytes removed).
     header
         The parsed header (defaults filled where needed); ``None`` when the text cannot be read as one.
     filled
@@ -138,6 +138,14 @@ class LenientHeader:
     header: ismrmrd.xsd.ismrmrdHeader | None
     filled: tuple[str, ...] = ()
     problem: str | None = None
+
+    @property
+    def output_xml(self) -> str:
+        """The header to write downstream: with the defaults filled when any were (schema-valid, so the
+        strict readers of the ecosystem read it), else the text as received."""
+        if self.filled and self.header is not None:
+            return str(ismrmrd.xsd.ToXML(self.header))
+        return self.xml
 
 
 class _Unusable(Exception):
@@ -338,18 +346,19 @@ def read_header(xml: bytes | str, source: str = "ISMRMRD header") -> LenientHead
     Parameters
     ----------
     xml
-        The header text (bytes are decoded as UTF-8; trailing NUL bytes and blanks are removed).
+        The header text (bytes are decoded as UTF-8; a NUL byte and what follows it are removed).
     source
         Named in :attr:`LenientHeader.problem` (e.g. the file and dataset, or ``HEADER``).
     """
     text = xml.decode("utf-8", "replace") if isinstance(xml, bytes | bytearray) else str(xml)
-    text = text.split("\0", 1)[0].strip()
-    if not text:
+    text = text.split("\0", 1)[0]
+    body = text.strip()  # an XML declaration must come first
+    if not body:
         return LenientHeader(
             text, None, (), f"{source}: ISMRMRD XML header: expected an XML header, got empty text"
         )
     try:
-        root = ET.fromstring(text)
+        root = ET.fromstring(body)
     except ET.ParseError as exc:
         return LenientHeader(
             text, None, (), f"{source}: ISMRMRD XML header: expected valid XML, got a parse error ({exc})"
@@ -368,7 +377,7 @@ def read_header(xml: bytes | str, source: str = "ISMRMRD header") -> LenientHead
         return LenientHeader(text, None, tuple(repair.notes), f"{source}: ISMRMRD XML header: {exc}")
     # the strict parser on the text itself when nothing needed a change (it accepts empty values silently,
     # which the walk above does not), else on the repaired text
-    fixed = text if not repair.notes else ET.tostring(root, encoding="unicode")
+    fixed = body if not repair.notes else ET.tostring(root, encoding="unicode")
     header = _strict(fixed)
     if header is None:
         try:
