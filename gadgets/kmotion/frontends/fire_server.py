@@ -3,19 +3,22 @@
 Per connection (one thread each; one failing connection never stops the server):
 
 1. CONFIG_FILE (id 1, 1024-byte NUL-padded name; ``kmotion`` selects this pipeline, any other name is
-   answered with a TEXT ``ERROR ...``, an ERROR (id 8) and CLOSE) or CONFIG_TEXT (id 2: a
-   ``<configuration>`` of ``<property>`` elements or a chain XML with the kmotion ``<external>``);
-2. HEADER (id 3; the XML may end in a NUL byte);
+   answered with a TEXT ``ERROR ...`` and CLOSE) or CONFIG_TEXT (id 2: a ``<configuration>`` of
+   ``<property>`` elements or a chain XML with the kmotion ``<external>``);
+2. HEADER (id 3; the XML may end in a NUL byte; read leniently, ``kmotion.io.ismrmrd_header``);
 3. optional TEXT (id 5) with JSON parameters (flat, or python-ismrmrd-server's ``{"parameters": {...}}``)
    for ``GadgetParams.from_properties``;
 4. acquisitions (1008) and waveforms (1026) until CLOSE (4).
 
 Answer: the motion-corrected images (1022, float32 magnitude; ``image_series_index``, slice, repetition and
 geometry from the acquisitions; the estimates as ``kmotion_*`` meta attributes) as each slice completes,
-then one TEXT ``{"kmotion_estimates": [...]}`` and CLOSE.  Errors are sent as TEXT ``ERROR ...`` (what the
-python-ismrmrd-server client prints) followed by ERROR (id 8, for Gadgetron-style peers) and CLOSE; a
-protocol error mid-stream (unknown id, oversized length, truncated message, peer gone, silence longer than
-``idle_timeout``) first flushes the images of what arrived.
+then one TEXT ``{"kmotion_estimates": [...]}`` and CLOSE.  Data the gadget does not handle (an unusable
+header, a trajectory other than Cartesian) come back untouched instead of images (acquisitions 1008 and
+waveforms 1026, which the client stores), with a TEXT ``WARNING kmotion serve: ...`` naming the reason.
+Errors are sent as TEXT ``ERROR ...`` (what the python-ismrmrd-server client prints) followed by CLOSE —
+never ERROR (id 8): the client's ``Connection.next`` has no handler for it and ends its receive loop with
+an exception.  A protocol error mid-stream (unknown id, oversized length, truncated message, peer gone,
+silence longer than ``idle_timeout``) first flushes the images of what arrived.
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ def handle_connection(
     writer = MessageWriter(sock.sendall)
     errors: list[str] = []
     reports: list[dict[str, object]] = []
-    n_images = 0
+    n_images = n_back = 0
 
     def fail(msg: str) -> None:
         errors.append(msg)
@@ -94,13 +97,25 @@ def handle_connection(
         except InputError as exc:
             fail(f"pipeline not set up: {exc}")
             return False
+        from kmotion.gadget.pipeline import check_header
         from kmotion.gadget.recon import reconstruct_images
 
+        check = check_header(header)
+        if check.warning() is not None:  # the pipeline logs it; the client prints TEXT
+            writer.text(f"WARNING kmotion serve: {check.warning()}")
+        outputs = (
+            reconstruct_images(corrected, check.header, iterations=recon_iterations)
+            if check.geometry is not None and check.header is not None
+            else corrected  # passed through untouched: the items go back as they came
+        )
         try:
-            for out in reconstruct_images(corrected, header, iterations=recon_iterations):
+            for out in outputs:
                 if isinstance(out, ismrmrd.Image):
                     writer.item(out)
                     n_images += 1
+                elif isinstance(out, ismrmrd.Acquisition | ismrmrd.Waveform):
+                    writer.item(out)
+                    n_back += 1
                 elif hasattr(out, "as_dict") and hasattr(out, "log_line"):
                     log.debug("kmotion serve %s: %s", peer, out.log_line())  # the pipeline logs it
                     reports.append(out.as_dict())
@@ -113,7 +128,12 @@ def handle_connection(
         if feed.error is not None:
             fail(str(feed.error))
         log.info(
-            "kmotion serve %s: %d items in, %d images out, %d estimates", peer, feed.n, n_images, len(reports)
+            "kmotion serve %s: %d items in, %d images and %d items passed back out, %d estimates",
+            peer,
+            feed.n,
+            n_images,
+            n_back,
+            len(reports),
         )
         return not errors
     finally:
@@ -122,9 +142,7 @@ def handle_connection(
                 writer.text(json.dumps({"kmotion_estimates": reports}))
             for e in errors:
                 writer.text(f"ERROR kmotion serve: {e}")
-            if errors:
-                writer.error(f"kmotion serve: {'; '.join(errors)}")
-            writer.close()
+            writer.close()  # no ERROR (id 8): FIRE clients do not know it
         except OSError as exc:
             log.info("kmotion serve %s: could not answer (%s)", peer, exc)
         close_gracefully(sock)

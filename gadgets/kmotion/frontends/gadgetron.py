@@ -19,6 +19,12 @@ Pitfalls of ``gadgetron`` 1.4.1 handled here (each has a test in ``tests/fronten
 
 - it never sends ERROR (id 8, ``uint64`` length + text): :func:`run_connection` sends one on any failure,
   then CLOSE; Gadgetron reports it as a remote error of the chain;
+- its ``Connection`` parses HEADER with the strict ``ismrmrd.xsd.CreateFromDocument``, which refuses
+  headers of older writers and other tools: in the connect mode kmotion reads it leniently instead
+  (``kmotion.io.ismrmrd_header``); in the execute mode gadgetron's ``__main__`` parses it before this module
+  is imported (``docs/gadget.md``, "Headers and data the gadget does not handle");
+- data the gadget does not handle (a trajectory other than Cartesian, an unusable header) pass through
+  untouched with one WARNING, and the chain gets every item back (no ERROR);
 - its socket reads spin forever when the peer vanishes without CLOSE (``recv`` returns ``b""`` in a loop)
   and block forever on a half-open connection: reads here raise at end of input and after
   ``idle_timeout_s`` seconds of silence;
@@ -50,6 +56,7 @@ from kmotion.frontends.properties import (
     kmotion_pipeline,
     properties_from_xml,
 )
+from kmotion.io.ismrmrd_header import LenientHeader, read_header
 from kmotion.io.mrd_v1 import (
     Limits,
     MessageId,
@@ -59,6 +66,7 @@ from kmotion.io.mrd_v1 import (
     StreamEndedError,
     UnknownMessageError,
     estimate_text,
+    message_name,
     wire_item,
 )
 from kmotion.physics.validate import InputError
@@ -327,6 +335,21 @@ def serve_gadgetron(
         The number of connections that failed.
     """
     from gadgetron.external import Connection
+    from gadgetron.external.readers import read_byte_string
+
+    class LenientConnection(Connection):  # type: ignore[misc]
+        """gadgetron's Connection, with the HEADER read leniently (``kmotion.io.ismrmrd_header``).
+
+        gadgetron's own reads it with the strict ``CreateFromDocument`` and fails on headers that older
+        writers and other tools produce; ``header`` is a :class:`LenientHeader` here.
+        """
+
+        def _read_header(self) -> tuple[LenientHeader, bytes]:
+            mid = self._read_message_identifier()
+            if mid != MessageId.HEADER:
+                raise ProtocolError(f"Gadgetron: expected HEADER after CONFIG, got {message_name(mid)}")
+            raw = read_byte_string(self.socket)
+            return read_header(raw, "Gadgetron HEADER"), raw
 
     srv = socket.create_server((host, port), reuse_port=False)
     srv.settimeout(1.0)
@@ -338,7 +361,7 @@ def serve_gadgetron(
         guard = GuardedSocket(sock, handshake_timeout)
         ok = False
         try:
-            conn = Connection(guard)  # reads CONFIG and HEADER through the guard (bounded)
+            conn = LenientConnection(guard)  # reads CONFIG and HEADER through the guard (bounded)
             conn.socket.socket = sock  # run_connection installs its own guard with the configured timeout
             ok = run_connection(conn, factory)
             try:

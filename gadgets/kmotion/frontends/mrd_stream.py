@@ -27,6 +27,7 @@ from kmotion.frontends.properties import (
     properties_from_json,
 )
 from kmotion.io.estimates import row_from_report, write_motion_csv
+from kmotion.io.ismrmrd_header import LenientHeader, read_header
 from kmotion.io.mrd_v1 import (
     FileSource,
     Limits,
@@ -38,7 +39,6 @@ from kmotion.io.mrd_v1 import (
     StreamEndedError,
     estimate_text,
     message_name,
-    parse_header,
 )
 from kmotion.io.mrd_v2 import Mrd2Context, Mrd2MessageReader, Mrd2MessageWriter, sniff
 from kmotion.physics.validate import InputError
@@ -94,13 +94,15 @@ def read_preamble(
 
     Returns
     -------
-    header, config name ("" if none), properties (CONFIG_TEXT then TEXT, later ones win), and the first
+    header (read leniently: :class:`~kmotion.io.ismrmrd_header.LenientHeader`, the text as received and
+    what could be read from it), config name ("" if none), properties (CONFIG_TEXT then TEXT, later ones
+    win), and the first
     data items already read (at most one, or none when CLOSE came right away).  ``check_config`` is
     called with a CONFIG_FILE name as soon as it arrives (it raises to refuse it).
     """
     config_name = ""
     props: dict[str, str] = {}
-    header = None
+    header: LenientHeader | None = None
     while header is None:
         m = reader.read_message()
         if m is None:
@@ -114,7 +116,7 @@ def read_preamble(
         elif m.mid == MessageId.TEXT:
             props.update(properties_from_json(m.value))
         elif m.mid == MessageId.HEADER:
-            header = parse_header(m.value)
+            header = read_header(m.value, f"{reader.peer}: HEADER")  # leniently; never raises
         else:
             raise ProtocolError(
                 f"{reader.peer}: expected CONFIG or HEADER first, got message {message_name(m.mid)}"
@@ -130,6 +132,15 @@ def read_preamble(
         first.append(m.value)
         break
     return header, config_name, props, first
+
+
+def _header_out(header: LenientHeader, fmt: str) -> ismrmrd.xsd.ismrmrdHeader | str | None:
+    """What to write as the output's header: with the defaults filled when any were (strict readers
+    downstream read it), else the text as received (an MRD v2 input's own header then goes back unchanged);
+    MRD v2 output of a header that cannot be read at all: none."""
+    if fmt != "mrd1" and header.header is None:
+        return None
+    return header.output_xml
 
 
 FORMATS = ("auto", "mrd1", "mrd2")
@@ -214,7 +225,7 @@ def run_stream(
         log.info("CONFIG_FILE %r (the stream command always runs kmotion)", config_name)
     props.update(properties or {})
     feed = Feed(first, reader)
-    writer.header(header)
+    writer.header(_header_out(header, fmt))
     pipeline: Pipeline
     try:
         pipeline = factory(props)
@@ -245,15 +256,19 @@ def run_stream(
     if feed.error is not None:
         errors.append(str(feed.error))
     if images and kept:
+        from kmotion.gadget.pipeline import check_header
         from kmotion.gadget.recon import reconstruct_images
 
-        try:
-            for img in reconstruct_images(kept, header):
-                if isinstance(img, ismrmrd.Image):
-                    writer.item(img)
-        except Exception as exc:
-            errors.append(f"image reconstruction failed: {type(exc).__name__}: {exc}")
-            log.error("kmotion stream: %s", errors[-1])
+        if check_header(header).geometry is None or header.header is None:
+            log.debug("kmotion stream: no images of data passed through untouched")  # the pipeline said why
+        else:
+            try:
+                for img in reconstruct_images(kept, header.header):
+                    if isinstance(img, ismrmrd.Image):
+                        writer.item(img)
+            except Exception as exc:
+                errors.append(f"image reconstruction failed: {type(exc).__name__}: {exc}")
+                log.error("kmotion stream: %s", errors[-1])
     counts = (feed.n, in_format, n_out, fmt, n_reports)
     log.info("kmotion stream: %d items in (%s), %d out (%s), %d estimates", *counts)
     if motion_csv is not None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import ismrmrd.xsd
 
+from kmotion.io.ismrmrd_header import LenientHeader
 from kmotion.io.mrd_v1 import ProtocolError
 
 __all__ = [
@@ -82,8 +83,9 @@ def properties_from_json(text: str) -> dict[str, str]:
     return out
 
 
-#: A configured pipeline: (items, header) -> output items (see :func:`kmotion_pipeline`).
-Pipeline = Callable[[Iterable[object], ismrmrd.xsd.ismrmrdHeader], Iterator[object]]
+#: A configured pipeline: (items, header) -> output items (see :func:`kmotion_pipeline`); the header as the
+#: front end has it: read leniently (:class:`~kmotion.io.ismrmrd_header.LenientHeader`) or already parsed.
+Pipeline = Callable[[Iterable[object], ismrmrd.xsd.ismrmrdHeader | LenientHeader], Iterator[object]]
 #: Builds a :data:`Pipeline` from gadget properties; raises InputError for bad properties.
 PipelineFactory = Callable[[Mapping[str, str]], Pipeline]
 
@@ -97,7 +99,7 @@ def kmotion_pipeline(properties: Mapping[str, str]) -> Pipeline:
 
     params = GadgetParams.from_properties(dict(properties))
 
-    def run(items: Iterable[object], header: ismrmrd.xsd.ismrmrdHeader) -> Iterator[object]:
+    def run(items: Iterable[object], header: ismrmrd.xsd.ismrmrdHeader | LenientHeader) -> Iterator[object]:
         return motion_correct(items, header, params)
 
     return run

@@ -48,10 +48,11 @@ import ismrmrd.xsd
 import numpy as np
 from tqdm import tqdm
 
-from kmotion.gadget import GadgetParams, MotionReport, motion_correct
+from kmotion.gadget import GadgetParams, MotionCorrector, MotionReport
 from kmotion.gadget.recon import reconstruct_images
 from kmotion.io.estimates import TRUE_COLUMNS, row_from_report, write_estimates, write_motion_csv
 from kmotion.io.ismrmrd_h5 import parse_encoding
+from kmotion.io.ismrmrd_header import LenientHeader
 from kmotion.io.ismrmrd_reader import open_ismrmrd
 from kmotion.io.ismrmrd_writer import (
     IsmrmrdWriter,
@@ -220,11 +221,15 @@ def replay(
     reports: list[MotionReport] = []
     counts = {"acq": 0, "wave": 0, "corr": 0, "img_c": 0, "img_u": 0}
     n_items = src.n_acquisitions + src.n_waveforms
+    # the header as read leniently (ISMRMRD .h5 input; an MRD v2 input's is already parsed); written back
+    # with the defaults filled when any were
+    header_in = getattr(src, "lenient_header", lambda: src.header)()
+    xml_out = header_in.output_xml if isinstance(header_in, LenientHeader) else src.xml
     try:
         writer: Any = (
-            Mrd2FileWriter(out, src.xml, getattr(src, "context", None))
+            Mrd2FileWriter(out, xml_out, getattr(src, "context", None))
             if fmt == "mrd2"
-            else IsmrmrdWriter(out, src.xml, dataset)
+            else IsmrmrdWriter(out, xml_out, dataset)
         )
         with writer:
 
@@ -251,17 +256,24 @@ def replay(
                 disable=(None if progress is None else not progress),
                 leave=False,
             )
-            for img in reconstruct_images(
-                tee(motion_correct(bar, src.header, params)), src.header, series_index=2
-            ):
-                if isinstance(img, ismrmrd.Image):
-                    writer.append_image(CORRECTED, img)
-                    counts["img_c"] += 1
+            # a header or data the gadget does not handle: pass-through
+            corrector = MotionCorrector(header_in, params)
+            header = corrector.header if corrector.geometry is not None else None
+            corrected = tee(corrector(bar))
+            if header is None:  # passed through untouched (the corrector logged why): no images to make
+                for _ in corrected:
+                    pass
+            else:
+                for img in reconstruct_images(corrected, header, series_index=2):
+                    if isinstance(img, ismrmrd.Image):
+                        writer.append_image(CORRECTED, img)
+                        counts["img_c"] += 1
             bar.close()
-            for img in reconstruct_images(src.items(), src.header, series_index=1):
-                if isinstance(img, ismrmrd.Image):
-                    writer.append_image(UNCORRECTED, img)
-                    counts["img_u"] += 1
+            if header is not None:
+                for img in reconstruct_images(src.items(), header, series_index=1):
+                    if isinstance(img, ismrmrd.Image):
+                        writer.append_image(UNCORRECTED, img)
+                        counts["img_u"] += 1
     except BaseException:
         out.unlink(missing_ok=True)  # no partial output file (e.g. a missing model, Ctrl-C)
         raise
@@ -271,7 +283,7 @@ def replay(
             f"replay of {src.path}: {src.n_acquisitions} acquisitions and {src.n_waveforms} waveforms in, "
             f"{counts['acq']} and {counts['wave']} out"
         )
-    rows = estimate_rows(reports, truth, _spacing(src.header))
+    rows = estimate_rows(reports, truth, (1.0, 1.0) if header is None else _spacing(header))
     if fmt == "mrd1":
         write_estimates(out, rows, [r.as_dict() for r in reports], dataset)
         if truth is not None:

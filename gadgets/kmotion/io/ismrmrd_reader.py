@@ -1,12 +1,14 @@
 """Streaming reads of ISMRMRD ``.h5`` files: the header and the items, in chunks, and stored images.
 
-:func:`open_ismrmrd` checks the file and parses its header; :meth:`IsmrmrdSource.items` yields the
+:func:`open_ismrmrd` checks the file and reads its header leniently (:mod:`kmotion.io.ismrmrd_header`;
+missing ``encodingLimits`` from the acquisitions); :meth:`IsmrmrdSource.items` yields the
 acquisitions and waveforms in time-stamp order without loading the file; :func:`read_images` reads an image
 group (e.g. the images of ``kmotion replay``).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,22 +18,35 @@ import ismrmrd
 import ismrmrd.xsd
 import numpy as np
 
-from kmotion.io.ismrmrd_h5 import check_ismrmrd_file, parse_encoding
+from kmotion.io.ismrmrd_h5 import check_ismrmrd_file
+from kmotion.io.ismrmrd_header import LenientHeader, counter_ranges, fill_limits_from_data, read_header
 from kmotion.physics.validate import InputError
 
 __all__ = ["IsmrmrdSource", "open_ismrmrd", "read_images"]
 
+log = logging.getLogger("kmotion.io")
+
 
 @dataclass
 class IsmrmrdSource:
-    """An opened ISMRMRD file: its header and the counts of its items (read lazily by :meth:`items`)."""
+    """An opened ISMRMRD file: its header and the counts of its items (read lazily by :meth:`items`).
+
+    ``header`` is the header read leniently (None when it cannot be read: ``header_problem`` says why;
+    ``header_filled`` names the defaults filled); ``xml`` the text as stored.
+    """
 
     path: Path
     dataset: str
-    header: ismrmrd.xsd.ismrmrdHeader
+    header: ismrmrd.xsd.ismrmrdHeader | None
     xml: str
     n_acquisitions: int
     n_waveforms: int
+    header_filled: tuple[str, ...] = ()
+    header_problem: str | None = None
+
+    def lenient_header(self) -> LenientHeader:
+        """The header as :class:`~kmotion.io.ismrmrd_header.LenientHeader` (what the pipeline takes)."""
+        return LenientHeader(self.xml, self.header, self.header_filled, self.header_problem)
 
     def items(self, chunk: int = 256) -> Iterator[object]:
         """Acquisitions and waveforms in time-stamp order (read in chunks of ``chunk`` records).
@@ -77,7 +92,12 @@ def _waveform(rec: np.void) -> ismrmrd.Waveform:
 
 
 def open_ismrmrd(path: str | Path, dataset: str = "dataset") -> IsmrmrdSource:
-    """Open an ISMRMRD ``.h5`` file for streaming; bad input raises :class:`InputError` naming the problem."""
+    """Open an ISMRMRD ``.h5`` file for streaming.
+
+    A file that cannot be used (missing, not HDF5, no ``dataset`` group, no ``xml`` or ``data``) raises
+    :class:`InputError` naming the problem.  The header never does: it is read leniently, and the
+    ``encodingLimits`` counters it lacks are filled from the acquisitions' counters (logged at INFO).
+    """
     src, keys, counts = check_ismrmrd_file(path, dataset)
     n_acq, n_wav = counts.get("data", 0), counts.get("waveforms", 0)
     if "data" not in keys or n_acq == 0:
@@ -86,14 +106,14 @@ def open_ismrmrd(path: str | Path, dataset: str = "dataset") -> IsmrmrdSource:
         raw_xml = ds.read_xml_header()
     xml = raw_xml.decode("utf-8", "replace") if isinstance(raw_xml, bytes) else str(raw_xml)
     xml = xml.rstrip("\x00")
-    parse_encoding(xml, f"{src}: '{dataset}/xml'")  # clear messages for a missing/bad <encoding>
-    try:
-        header = ismrmrd.xsd.CreateFromDocument(xml)
-    except Exception as e:  # the schema parser's exceptions have no common base
-        raise InputError(
-            f"{src}: '{dataset}/xml': expected an ISMRMRD header that the ismrmrd schema accepts, got: {e}"
-        ) from e
-    return IsmrmrdSource(Path(src), dataset, header, xml, n_acq, n_wav)
+    got = read_header(xml, f"{src}: '{dataset}/xml'")
+    if got.header is not None and got.header.encoding:
+        with h5py.File(src, "r") as f:
+            heads = f[dataset]["data"].fields(["head"])[:]
+        heads = heads["head"] if heads.dtype.names == ("head",) else heads
+        for note in fill_limits_from_data(got.header, counter_ranges(heads)):
+            log.info("%s: header %s", src, note)
+    return IsmrmrdSource(Path(src), dataset, got.header, xml, n_acq, n_wav, got.filled, got.problem)
 
 
 def read_images(path: str | Path, group: str, dataset: str = "dataset") -> list[ismrmrd.Image]:

@@ -62,7 +62,6 @@ __all__ = [
     "UnknownMessageError",
     "estimate_text",
     "message_name",
-    "parse_header",
     "wire_item",
 ]
 
@@ -349,19 +348,6 @@ class MessageReader:
     def __iter__(self) -> Iterator[Message]:
         while (m := self.read_message()) is not None:
             yield m
-
-
-def parse_header(text: str, what: str = "HEADER") -> ismrmrd.xsd.ismrmrdHeader:
-    """Parse an ISMRMRD XML header (trailing NUL bytes allowed) or raise :class:`ProtocolError`."""
-    text = text.split("\0", 1)[0].strip()
-    if not text:
-        raise ProtocolError(f"{what}: expected an ISMRMRD XML header, got empty text")
-    try:
-        return ismrmrd.xsd.CreateFromDocument(text)
-    except Exception as exc:  # pyxb raises many types
-        raise ProtocolError(
-            f"{what}: not a valid ISMRMRD XML header: {str(exc).splitlines()[0][:200]}"
-        ) from exc
 
 
 def wire_item(item: object) -> object:
