@@ -224,7 +224,9 @@ def replay(
     # the header as read leniently (ISMRMRD .h5 input; an MRD v2 input's is already parsed); written back
     # with the defaults filled when any were
     header_in = getattr(src, "lenient_header", lambda: src.header)()
-    xml_out = header_in.output_xml if isinstance(header_in, LenientHeader) else src.xml
+    xml_out: Any = header_in.output_xml if isinstance(header_in, LenientHeader) else src.xml
+    if fmt == "mrd2" and isinstance(header_in, LenientHeader) and header_in.header is None:
+        xml_out = None  # a header that cannot be read cannot become an MRD v2 one: none (it is optional)
     try:
         writer: Any = (
             Mrd2FileWriter(out, xml_out, getattr(src, "context", None))
