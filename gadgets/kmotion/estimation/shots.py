@@ -126,10 +126,17 @@ class _Grid:
         ky = (2j * math.pi / self.n_y) * self.fy.to(torch.complex64)
         gx = torch.fft.ifft(torch.fft.fft(g, dim=-1) * kx, dim=-1)  # d g / d x [per px]
         gy = torch.fft.ifft(torch.fft.fft(g, dim=-2) * ky[:, None], dim=-2)
-        x = (self.fx.double()[None, None, :] - theta[:, 0, None, None]) * (dx_mm / dy_mm)
-        y = (self.fy.double()[None, :, None] - theta[:, 1, None, None]) * (dy_mm / dx_mm)
+        # positions relative to the moved rotation centre, wrapped onto the periodic grid (an object moved
+        # across the edge of the field of view shows up on the other side)
+        x = _wrap(self.fx.double()[None, None, :] - theta[:, 0, None, None], self.n_x) * (dx_mm / dy_mm)
+        y = _wrap(self.fy.double()[None, :, None] - theta[:, 1, None, None], self.n_y) * (dy_mm / dx_mm)
         d_phi = (math.pi / 180) * (y.to(torch.float32) * gx - x.to(torch.float32) * gy)
         return -gx, -gy, d_phi
+
+
+def _wrap(u: torch.Tensor, n: int) -> torch.Tensor:
+    """``u`` wrapped into ``[-n/2, n/2)`` (positions on a periodic grid of ``n`` pixels)."""
+    return torch.remainder(u + n / 2, n) - n / 2
 
 
 def move_image(x: torch.Tensor, motion: torch.Tensor, spacing: Spacing) -> torch.Tensor:
@@ -306,14 +313,46 @@ class ShotFit:
     statistic: torch.Tensor
     noise_var: torch.Tensor
     ambiguous: torch.Tensor
+    phase: torch.Tensor | None = None
+
+    def with_noise_var(self, noise_var: torch.Tensor) -> ShotFit:
+        """The same fit with another noise variance ``(P,)``: ``std`` scales with its square root, the
+        statistic inversely."""
+        nv = noise_var.to(self.noise_var)
+        return ShotFit(
+            self.motion,
+            self.std * (nv / self.noise_var).sqrt()[:, None],
+            self.rss,
+            self.rss_zero,
+            self.n_samples,
+            self.hessian,
+            self.statistic * self.noise_var / nv,
+            nv,
+            self.ambiguous,
+            self.phase,
+        )
+
+    def residual_variance(self) -> torch.Tensor:
+        """``(P,)`` ``rss / (n_samples - 1.5)``: the residual variance per complex sample at the estimate."""
+        dim = 3 + (0 if self.phase is None else self.phase.shape[1])
+        return self.rss / (self.n_samples - dim / 2).clamp_min(1.0)
 
 
 def _rss(residual: torch.Tensor) -> torch.Tensor:
     return residual.abs().square().flatten(1).sum(1).double()
 
 
+PHASE_TERMS = {0: "none", 1: "constant", 3: "constant + linear"}
+"""Nuisance phase terms of the fit (see :func:`fit_shots`)."""
+
+
 class _Objective:
-    """Residuals, RSS and Gauss-Newton terms of the problems at given poses (chunked)."""
+    """Residuals, RSS and Gauss-Newton terms of the problems at given parameters (chunked).
+
+    Parameters per problem: ``(dx_px, dy_px, phi_deg)`` and ``n_phase`` coefficients of a smooth phase
+    ``psi(r) = a_0 + a_1 x / (n_x / 2) + a_2 y / (n_y / 2)`` [rad] in the scanner frame: the model image is
+    ``exp(i psi) T(theta) x``.
+    """
 
     def __init__(
         self,
@@ -322,37 +361,124 @@ class _Objective:
         problems: ShotProblems,
         spacing: Spacing,
         chunk: int,
+        n_phase: int = 0,
     ) -> None:
         self.grid = _Grid(reference.shape[-2], reference.shape[-1], spacing, reference.device)
         self.x = self.grid.roll(reference.to(torch.complex64))
         self.pb = problems
         self.enc = _Encoder(maps, problems, self.grid)
         self.chunk = chunk
+        self.n_phase = n_phase
+        g = self.grid
+        ones = torch.ones(g.n_y, g.n_x, device=reference.device)
+        xs = (g.fx / (g.n_x / 2))[None, :].expand(g.n_y, g.n_x)
+        ys = (g.fy / (g.n_y / 2))[:, None].expand(g.n_y, g.n_x)
+        self.basis = torch.stack([ones, xs, ys])[:n_phase].to(torch.float32)  # (n_phase, n_y, n_x)
+
+    @property
+    def n_params(self) -> int:
+        """Parameters per problem."""
+        return 3 + self.n_phase
+
+    def _phase(self, theta: torch.Tensor) -> torch.Tensor | None:
+        if self.n_phase == 0:
+            return None
+        psi = torch.einsum("qj,jyx->qyx", theta[:, 3:].to(torch.float32), self.basis)
+        return torch.complex(torch.cos(psi), torch.sin(psi))
+
+    def _model(self, theta: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        g = self.grid.move(self.x[self.pb.slice_index[q]], theta[:, :3])
+        ph = self._phase(theta)
+        return g, ph
 
     def rss(self, theta: torch.Tensor, q_all: torch.Tensor) -> torch.Tensor:
-        """RSS ``(Q,)`` of the problems ``q_all`` at poses ``theta`` ``(Q, 3)``."""
+        """RSS ``(Q,)`` of the problems ``q_all`` at parameters ``theta`` ``(Q, n_params)``."""
         out = []
         for c in range(0, len(q_all), self.chunk):
             q = q_all[c : c + self.chunk]
-            g = self.grid.move(self.x[self.pb.slice_index[q]], theta[c : c + self.chunk])
-            out.append(_rss(self.pb.data[q] - self.enc(g, q)))
+            g, ph = self._model(theta[c : c + self.chunk], q)
+            out.append(_rss(self.pb.data[q] - self.enc(g if ph is None else g * ph, q)))
         return torch.cat(out)
 
     def normal(
         self, theta: torch.Tensor, q_all: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``Re J^H J`` ``(Q, 3, 3)``, ``Re J^H r`` ``(Q, 3)`` and RSS ``(Q,)``."""
+        """``Re J^H J`` ``(Q, D, D)``, ``Re J^H r`` ``(Q, D)`` and RSS ``(Q,)`` (``D = n_params``)."""
         hs, bs, rs = [], [], []
         for c in range(0, len(q_all), self.chunk):
             q = q_all[c : c + self.chunk]
             th = theta[c : c + self.chunk]
-            g = self.grid.move(self.x[self.pb.slice_index[q]], th)
-            r = (self.pb.data[q] - self.enc(g, q)).flatten(1)
-            js = torch.stack([self.enc(d, q) for d in self.grid.derivatives(g, th)], 1).flatten(2)
+            g, ph = self._model(th, q)
+            derivs = list(self.grid.derivatives(g, th[:, :3]))
+            if ph is not None:
+                h = g * ph
+                derivs = [d * ph for d in derivs] + [1j * b[None] * h for b in self.basis]
+            else:
+                h = g
+            pred = self.enc(h, q)
+            r = (self.pb.data[q] - pred).flatten(1)
+            cols = [self.enc(d, q) for d in derivs[:3]]
+            if ph is not None:  # the constant phase's column is i * prediction: no extra encoding
+                cols.append(1j * pred)
+                cols += [self.enc(d, q) for d in derivs[4:]]
+            js = torch.stack(cols, 1).flatten(2)
             hs.append(torch.einsum("qin,qjn->qij", js.conj(), js).real.double())
             bs.append(torch.einsum("qin,qn->qi", js.conj(), r).real.double())
             rs.append(_rss(r))
         return torch.cat(hs), torch.cat(bs), torch.cat(rs)
+
+
+def _levenberg_marquardt(
+    obj: _Objective,
+    theta: torch.Tensor,
+    prob: torch.Tensor,
+    free: torch.Tensor,
+    iterations: int,
+    tolerance: float,
+    rss: torch.Tensor | None = None,
+    active: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Damped Gauss-Newton from ``theta`` ``(N, D)`` for the problems ``prob`` ``(N,)``; only the parameters
+    with ``free`` ``(D,)`` True move.  Returns the parameters and their RSS (``inf`` for inactive rows)."""
+    dev = theta.device
+    n, d = theta.shape
+    theta = theta.clone()
+    act = torch.arange(n, device=dev) if active is None else active
+    mu = torch.full((n,), 1e-3, dtype=torch.float64, device=dev)
+    rss = torch.full((n,), math.inf, dtype=torch.float64, device=dev) if rss is None else rss.clone()
+    hess = torch.zeros(n, d, d, dtype=torch.float64, device=dev)
+    grad = torch.zeros(n, d, dtype=torch.float64, device=dev)
+    fresh = torch.ones(n, dtype=torch.bool, device=dev)
+    fixed = ~free.to(dev)
+    eye = torch.eye(d, dtype=torch.float64, device=dev)
+    for _ in range(iterations):
+        if act.numel() == 0:
+            break
+        need = act[fresh[act]]
+        if need.numel():
+            h, b, r = obj.normal(theta[need], prob[need])
+            hess[need], grad[need], rss[need] = h, b, r
+            fresh[need] = False
+        h = hess[act].clone()
+        g = grad[act].clone()
+        h[:, fixed, :] = 0.0
+        h[:, :, fixed] = 0.0
+        h = h + eye[None] * fixed.double()  # fixed parameters: identity rows, zero gradient
+        g[:, fixed] = 0.0
+        diag = torch.diagonal(h, dim1=1, dim2=2).clamp_min(1e-30)
+        step = torch.linalg.solve(h + torch.diag_embed(mu[act, None] * diag), g[..., None])[..., 0]
+        trial = theta[act] + step
+        trial[:, 2] = trial[:, 2].clamp(-89.0, 89.0)
+        new_rss = obj.rss(trial, prob[act])
+        better = new_rss < rss[act]
+        acc = act[better]
+        theta[acc], rss[acc], fresh[acc] = trial[better], new_rss[better], True
+        mu[acc] = (mu[acc] / 3).clamp_min(1e-7)
+        mu[act[~better]] *= 4
+        small = (step[:, :3].abs() < tolerance).all(1) & (step[:, 3:].abs() < 10 * tolerance).all(1)
+        done = (better & small) | (~better & (mu[act] > 1e5))
+        act = act[~done]
+    return theta, rss
 
 
 def _neighbour_prior(motion: torch.Tensor, pb: ShotProblems) -> torch.Tensor:
@@ -383,6 +509,7 @@ def fit_shots(
     ambiguity_chi2: float = 10.0,
     use_neighbours: bool = True,
     chunk: int = 8,
+    n_phase: int = 0,
 ) -> ShotFit:
     """Least-squares pose of every shot (module docstring, steps 2-4).
 
@@ -412,6 +539,13 @@ def fit_shots(
         Resolve equivalent candidates by the neighbouring shots' poses (else: the smaller motion).
     chunk
         Problems encoded together (memory ~ ``chunk * 5 * n_coils * n_y * n_x`` complex samples).
+    n_phase
+        Nuisance phase terms fitted with the pose (0, 1: a constant, 3: constant + linear in x and y): the
+        model image is ``exp(i psi(r)) T(theta) x_ref``.  They absorb a phase drift between the reference and
+        the shot and the part of the coil maps' phase convention that moves with the object (maps estimated
+        from data carry the coils' phase relative to a virtual coil; under motion that relative phase is
+        transported with the object, a smooth phase error); the statistic then compares against "no motion,
+        phase free" (3 dof).
 
     Returns
     -------
@@ -429,75 +563,61 @@ def fit_shots(
             f"fit_shots: candidates must be ({pb.rows.shape[0]}, K, 3), got {tuple(candidates.shape)}"
         )
     dev = reference.device
-    obj = _Objective(reference, maps, pb, spacing, chunk)
-    theta = candidates.to(dev, torch.float64).reshape(p * k, 3).clone()
+    obj = _Objective(reference, maps, pb, spacing, chunk, n_phase)
+    dim = obj.n_params
+    theta = torch.zeros(p * k, dim, dtype=torch.float64, device=dev)
+    theta[:, :3] = candidates.to(dev, torch.float64).reshape(p * k, 3)
     prob = torch.arange(p, device=dev).repeat_interleave(k)
     active = torch.arange(p * k, device=dev)
-    mu = torch.full((p * k,), 1e-3, dtype=torch.float64, device=dev)
     rss = torch.full((p * k,), math.inf, dtype=torch.float64, device=dev)
-    hess = torch.zeros(p * k, 3, 3, dtype=torch.float64, device=dev)
-    grad = torch.zeros(p * k, 3, dtype=torch.float64, device=dev)
-    fresh = torch.ones(p * k, dtype=torch.bool, device=dev)
     if k > keep:  # pre-screen: only the ``keep`` candidates of lowest RSS of every shot are fitted
         rss[:] = obj.rss(theta, prob)
         order = rss.reshape(p, k).argsort(1)[:, :keep]
         keep_mask = torch.zeros(p, k, dtype=torch.bool, device=dev)
         keep_mask.scatter_(1, order, True)
         active = active[keep_mask.flatten()]
-    for _ in range(iterations):
-        if active.numel() == 0:
-            break
-        need = active[fresh[active]]
-        if need.numel():
-            h, b, r = obj.normal(theta[need], prob[need])
-            hess[need], grad[need], rss[need] = h, b, r
-            fresh[need] = False
-        h = hess[active]
-        diag = torch.diagonal(h, dim1=1, dim2=2).clamp_min(1e-30)
-        step = torch.linalg.solve(h + torch.diag_embed(mu[active, None] * diag), grad[active][..., None])[
-            ..., 0
-        ]
-        trial = theta[active] + step
-        trial[:, 2] = trial[:, 2].clamp(-89.0, 89.0)
-        new_rss = obj.rss(trial, prob[active])
-        better = new_rss < rss[active]
-        acc = active[better]
-        theta[acc], rss[acc], fresh[acc] = trial[better], new_rss[better], True
-        mu[acc] = (mu[acc] / 3).clamp_min(1e-7)
-        mu[active[~better]] *= 4
-        done = (better & (step.abs() < tolerance).all(1)) | (~better & (mu[active] > 1e5))
-        active = active[~done]
+    every_param = torch.ones(dim, dtype=torch.bool, device=dev)
+    theta, rss = _levenberg_marquardt(obj, theta, prob, every_param, iterations, tolerance, rss, active)
     rss_pk = rss.reshape(p, k)
-    theta_pk = theta.reshape(p, k, 3)
+    theta_pk = theta.reshape(p, k, dim)
     best = rss_pk.argmin(1)
     ar = torch.arange(p, device=dev)
-    motion = theta_pk[ar, best]
+    params = theta_pk[ar, best]
     every = ar
-    h, _, r = obj.normal(motion, every)
-    rss0 = obj.rss(torch.zeros_like(motion), every)
+    h, _, r = obj.normal(params, every)
+    # the null model: no motion, nuisance phase free
+    zero = torch.zeros(p, dim, dtype=torch.float64, device=dev)
+    if n_phase:
+        phase_only = torch.zeros(dim, dtype=torch.bool, device=dev)
+        phase_only[3:] = True
+        _, rss0 = _levenberg_marquardt(obj, zero, every, phase_only, iterations, tolerance)
+        rss0 = torch.minimum(rss0, obj.rss(zero, every))
+    else:
+        rss0 = obj.rss(zero, every)
     n = pb.n_samples.double().to(dev)
     if noise_var is None:
-        nv = r / (n - 1.5).clamp_min(1.0)
+        nv = r / (n - dim / 2).clamp_min(1.0)
     else:
         nv = torch.as_tensor(noise_var, dtype=torch.float64, device=dev).expand(p).clone()
     # step 3: statistically equivalent candidates, resolved by the neighbours' poses
     near = torch.isfinite(rss_pk) & (2 * (rss_pk - rss_pk[ar, best][:, None]) / nv[:, None] <= ambiguity_chi2)
-    dist_best = (theta_pk - motion[:, None]).abs().amax(-1)
+    dist_best = (theta_pk[..., :3] - params[:, None, :3]).abs().amax(-1)
     ambiguous = (near & (dist_best > 0.5)).any(1)
     if bool(ambiguous.any()):
         for _ in range(2):
-            prior = _neighbour_prior(motion, pb) if use_neighbours else torch.zeros_like(motion)
-            d = (theta_pk - prior[:, None]).abs().sum(-1)
+            prior = _neighbour_prior(params[:, :3], pb) if use_neighbours else torch.zeros_like(params[:, :3])
+            d = (theta_pk[..., :3] - prior[:, None]).abs().sum(-1)
             d = torch.where(near, d, torch.full_like(d, math.inf))
             choice = d.argmin(1)
-            motion = torch.where(ambiguous[:, None], theta_pk[ar, choice], motion)
-        if bool((motion != theta_pk[ar, best]).any()):
-            h, _, r = obj.normal(motion, every)
-    eye = torch.eye(3, dtype=torch.float64, device=dev)
-    cov = torch.linalg.solve(h + 1e-12 * eye, eye.expand(p, 3, 3)) * (nv / 2)[:, None, None]
-    std = torch.diagonal(cov, dim1=1, dim2=2).clamp_min(0).sqrt()
+            params = torch.where(ambiguous[:, None], theta_pk[ar, choice], params)
+        if bool((params != theta_pk[ar, best]).any()):
+            h, _, r = obj.normal(params, every)
+    motion = params[:, :3]
+    eye = torch.eye(dim, dtype=torch.float64, device=dev)
+    cov = torch.linalg.solve(h + 1e-12 * eye, eye.expand(p, dim, dim)) * (nv / 2)[:, None, None]
+    std = torch.diagonal(cov, dim1=1, dim2=2)[:, :3].clamp_min(0).sqrt()
     stat = 2 * (rss0 - r).clamp_min(0) / nv
-    return ShotFit(motion, std, r, rss0, n, h, stat, nv, ambiguous)
+    return ShotFit(motion, std, r, rss0, n, h, stat, nv, ambiguous, params[:, 3:])
 
 
 def coarse_search(
