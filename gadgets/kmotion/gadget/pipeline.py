@@ -35,6 +35,7 @@ from kmotion.gadget.buffer import SliceBatch, SliceBuffer, SliceGeometry, batch_
 from kmotion.gadget.calibration import CalibrationStore
 from kmotion.gadget.correct import correct_slices, write_back
 from kmotion.gadget.estimate import estimate_motion, prepare_crops
+from kmotion.gadget.noise import NoiseStore
 from kmotion.gadget.params import DEFAULT_MODEL, GadgetParams, resolve_device
 from kmotion.gadget.reference import References, SliceWork, choose_reference
 from kmotion.gadget.report import StreamSummary, blank_report
@@ -44,6 +45,9 @@ from kmotion.physics.validate import InputError
 __all__ = ["HeaderCheck", "HeaderLike", "MotionCorrector", "check_header", "motion_correct"]
 
 log = logging.getLogger("kmotion.gadget")
+
+_NORMAL = ("reference", "below min_correction", "no significant motion")
+"""Reasons of normal outcomes (logged at INFO; anything else not corrected is a WARNING)."""
 
 
 #: A stream's header as the front ends have it: parsed, read leniently, the XML text, or none.
@@ -131,11 +135,12 @@ class MotionCorrector:
         self.geometry = self.check.geometry
         self.device = resolve_device(self.params.device)
         path = Path(self.params.model) if self.params.model else DEFAULT_MODEL
-        self.estimator = NetworkEstimator.load(path, self.device)
+        self.estimator = NetworkEstimator.load(path, self.device, refine=False)  # a seed of the fit
         self.net_crop: tuple[int, int] = tuple(self.estimator.model.config.crop)  # type: ignore[assignment]
         self.net_acceleration = int(self.estimator.study.acceleration)
         if self.geometry is not None:
             self.calibration = CalibrationStore(self.geometry)
+        self.noise = NoiseStore()
         self.references: References = {}
 
     def __call__(self, items: Iterable[object]) -> Iterator[object]:
@@ -164,13 +169,14 @@ class MotionCorrector:
             yield from items
             return
         self.calibration = CalibrationStore(self.geometry)
+        self.noise = NoiseStore()
         self.references = {}
         summary = StreamSummary()
         for out in batch_slices(items, self.header, self.params.batch_slices):
             if isinstance(out, SliceBatch):
                 yield from summary.watch(self._flush(out.buffers))
                 continue
-            self.calibration.note(out)
+            self.calibration.note(out) or self.noise.note(out)
             summary.note(out)
             yield out
         summary.end_of_stream()
@@ -192,7 +198,7 @@ class MotionCorrector:
         for w in work:
             assert w.report is not None
             write_back(w)
-            normal = w.report.corrected or w.report.reason in ("reference", "below min_correction")
+            normal = w.report.corrected or w.report.reason.startswith(_NORMAL)
             log.log(logging.INFO if normal else logging.WARNING, "%s", w.report.log_line())
             yield w.report
             yield from w.buffer.acquisitions
@@ -203,14 +209,21 @@ class MotionCorrector:
             choose_reference(w, self.references, self.params.reference_repetition)
             if w.report is None:
                 prepare_crops(w, self.net_crop, self.net_acceleration)
-        estimate_motion(
-            [w for w in work if w.crops is not None],
-            self.estimator,
-            self.net_acceleration,
-            self.params.min_correction,
-        )
+        self.estimate_slices(work)
         corrected = [w for w in work if w.report is not None and w.report.corrected]
         correct_slices(corrected, self.params, self.calibration, self.device)
+
+    def estimate_slices(self, work: list[SliceWork]) -> None:
+        """Stage 4 for a batch: fill the report of every slice with a reference (tests may replace it)."""
+        estimate_motion(
+            work,
+            self.estimator,
+            self.net_acceleration,
+            self.params,
+            self.calibration,
+            self.noise,
+            self.device,
+        )
 
 
 def motion_correct(
