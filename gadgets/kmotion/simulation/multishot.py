@@ -1,7 +1,7 @@
 """Multi-shot (echo-train) Cartesian sampling with rigid motion per shot: orderings, motion patterns, k-space.
 
-Pure simulation, no I/O (the ISMRMRD stream is written by :mod:`kmotion.simulation.raw`).  Axes and signs as
-in ``docs/conventions.md``; rows are grid rows of the centred k-space (``ky = row - n_ky // 2``).
+Pure simulation, no I/O (the ISMRMRD stream is written by :mod:`kmotion.simulation.intra_scan`).  Axes and
+signs as in ``docs/conventions.md``; rows are grid rows of the centred k-space (``ky = row - n_ky // 2``).
 
 Orderings (which rows each echo train reads; ``n_shots = ceil(n_rows / echo_train_length)``)
 --------------------------------------------------------------------------------------------
@@ -12,10 +12,14 @@ Orderings (which rows each echo train reads; ``n_shots = ceil(n_rows / echo_trai
   shot 0 holds the centre, later shots two symmetric outer bands.
 * ``interleaved``: shot ``s`` takes every ``n_shots``-th row of the sorted list, starting at ``s`` (each
   shot spans k-space).
-* ``checkered``: the central ``2 * n_shots`` rows (or the calibration block when larger) go to the shots two
-  adjacent rows each, round robin; the other rows are interleaved as above (each shot spans k-space *and*
-  holds a pair of central rows, after DISORDER's distributed orderings, Cordero-Grande et al., MRM 2020).
-* ``linear_checkered``: like ``checkered`` but the outer rows in linear bands.
+* ``checkered``: the central ``2 * n_shots`` rows (or the calibration block when larger; at most
+  ``echo_train_length // 2`` pairs per shot) go to the shots two adjacent rows each, round robin; the other
+  rows are interleaved as above, dealt in turn to the shots that still have room (each shot spans
+  k-space *and* holds a pair of central rows, after DISORDER's distributed orderings, Cordero-Grande et
+  al., MRM 2020).
+* ``linear_checkered``: like ``checkered`` but the outer rows in consecutive bands of near-equal size.
+
+No shot holds more than ``echo_train_length`` rows; every acquired row is in exactly one shot.
 
 Echo ``j`` of a train is its ``j``-th row in the order listed (ascending ``ky`` within a train; centric:
 centre first).  Motion patterns (``steps``, ``drift``, ``jerk``, ``random``) are in :func:`motion_pattern`.
@@ -123,7 +127,10 @@ def shot_sampling(
         shots = [rows[s::n_shots] for s in range(n_shots)]
     else:
         n_central = max(2 * n_shots, calibration_lines)
-        n_central = min(n_central - n_central % 2, rows.size)
+        # at most echo_train_length // 2 pairs per train (a train never exceeds the echo-train length)
+        n_central = min(
+            n_central - n_central % 2, rows.size - rows.size % 2, 2 * n_shots * (echo_train_length // 2)
+        )
         dist = np.abs(rows - c)
         central = np.sort(rows[np.argsort(dist, kind="stable")[:n_central]])
         outer = np.setdiff1d(rows, central)
@@ -131,16 +138,50 @@ def shot_sampling(
         extra: list[list[int]] = [[] for _ in range(n_shots)]
         for i, pr in enumerate(pairs):
             extra[i % n_shots].extend(pr.tolist())
+        room = [echo_train_length - len(e) for e in extra]
         if ordering == "checkered":
-            outer_split = [outer[s::n_shots] for s in range(n_shots)]
+            outer_split = _round_robin(outer, room)
         else:
-            bounds = np.linspace(0, outer.size, n_shots + 1).round().astype(int)
-            outer_split = [outer[bounds[s] : bounds[s + 1]] for s in range(n_shots)]
+            outer_split = _bands(outer, room)
         shots = [np.array(sorted(outer_split[s].tolist() + extra[s]), dtype=np.int64) for s in range(n_shots)]
     if ordering != "centric":
         shots = [np.sort(s) for s in shots]
     shots = [s for s in shots if s.size]
     return MultiShotSampling(n_ky, tuple(tuple(int(r) for r in s) for s in shots), ordering)
+
+
+def _round_robin(rows: np.ndarray, room: list[int]) -> list[np.ndarray]:
+    """Deal ``rows`` to the trains in turn (row ``i`` to train ``i % n``), skipping trains without room."""
+    n = len(room)
+    out: list[list[int]] = [[] for _ in range(n)]
+    s = 0
+    for r in rows.tolist():
+        while len(out[s]) >= room[s]:
+            s = (s + 1) % n
+        out[s].append(r)
+        s = (s + 1) % n
+    return [np.array(o, dtype=np.int64) for o in out]
+
+
+def _bands(rows: np.ndarray, room: list[int]) -> list[np.ndarray]:
+    """Cut ``rows`` into ``n`` consecutive bands of near-equal size, none larger than its train's ``room``
+    (the excess of a full band goes to the nearest bands with room)."""
+    n = len(room)
+    sizes = np.diff(np.linspace(0, rows.size, n + 1).round().astype(int))
+    for s in range(n):
+        excess = int(sizes[s]) - room[s]
+        if excess <= 0:
+            continue
+        sizes[s] = room[s]
+        for t in sorted(range(n), key=lambda t: (abs(t - s), t)):
+            take = min(excess, room[t] - int(sizes[t]))
+            if take > 0:
+                sizes[t] += take
+                excess -= take
+            if excess == 0:
+                break
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    return [rows[bounds[s] : bounds[s + 1]] for s in range(n)]
 
 
 def motion_pattern(
@@ -208,8 +249,12 @@ def shot_kspace(
     motion: np.ndarray | torch.Tensor,
     pixel_spacing_mm: tuple[float, float] = (1.0, 1.0),
     t2_decay: np.ndarray | None = None,
+    readout_oversampling: int = 1,
 ) -> torch.Tensor:
     """Noise-free multi-coil k-space ``(n_coils, n_ky, n_kx)`` of one slice acquired shot by shot.
+
+    ``n_kx = readout_oversampling * n_x``: with oversampling the coil images of the moved object are
+    zero-padded along x (centred, as :mod:`kmotion.simulation.raw` does) before the FFT.
 
     Parameters
     ----------
@@ -224,9 +269,27 @@ def shot_kspace(
     t2_decay
         Optional ``(echo_train_length,)`` amplitude of each echo (e.g. ``exp(-TE_j / T2)``): row ``r`` read at
         echo ``j`` is scaled by ``t2_decay[j]``.
+    readout_oversampling
+        Readout oversampling factor (1 or 2).
+
+    Raises
+    ------
+    InputError
+        For a motion array that does not have one pose per shot, a ``t2_decay`` shorter than the longest
+        train, or an oversampling factor below 1.
     """
     mot = torch.as_tensor(np.asarray(motion), dtype=torch.float64)
-    out = torch.zeros(maps.shape, dtype=torch.complex64)
+    if mot.shape != (sampling.n_shots, 3):
+        raise InputError(f"motion: expected shape ({sampling.n_shots}, 3), got {tuple(mot.shape)}")
+    longest = max((len(r) for r in sampling.shots), default=0)
+    if t2_decay is not None and np.asarray(t2_decay).size < longest:
+        raise InputError(f"t2_decay: expected >= {longest} echo amplitudes, got {np.asarray(t2_decay).size}")
+    if readout_oversampling < 1:
+        raise InputError(f"readout_oversampling: expected >= 1, got {readout_oversampling}")
+    n_x = maps.shape[-1]
+    n_ro = readout_oversampling * n_x
+    x0 = n_ro // 2 - n_x // 2
+    out = torch.zeros((*maps.shape[:-1], n_ro), dtype=torch.complex64)
     echo = sampling.echo_of_row()
     for s, rows in enumerate(sampling.shots):
         dx, dy, phi = (float(v) for v in mot[s])
@@ -235,7 +298,12 @@ def shot_kspace(
             if (dx, dy, phi) != (0, 0, 0)
             else image
         )
-        k = fft2c(maps * moved[None])
+        coil_img = maps * moved[None]
+        if n_ro != n_x:
+            padded = torch.zeros((*coil_img.shape[:-1], n_ro), dtype=torch.complex64)
+            padded[..., x0 : x0 + n_x] = coil_img
+            coil_img = padded
+        k = fft2c(coil_img)
         r = list(rows)
         out[:, r] = k[:, r]
         if t2_decay is not None:
