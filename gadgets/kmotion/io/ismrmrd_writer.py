@@ -2,13 +2,19 @@
 
 :class:`IsmrmrdWriter` (and :func:`write_stream`) store a header and a stream of acquisitions, waveforms and
 images in an ISMRMRD ``.h5`` file, in chunks.  The true rigid motion of simulated data (:class:`TrueMotion`,
-one row per (slice, repetition)) is stored in two places: the HDF5 dataset ``/dataset/kmotion_true_motion``
-(:func:`truth_path`; inside the ISMRMRD group, so the file keeps one top-level group and readers that take
-the last or the only group open the raw data; :func:`write_true_motion`, :func:`read_true_motion`, which also
-reads the ``/kmotion/true_motion`` of files written by earlier versions) — a structured array with fields
-``slice, repetition, dx_px, dy_px, phi_deg, dx_mm, dy_mm`` — and the header's ``userParameterString``
-``kmotion.true_motion`` (:data:`TRUTH_USER_PARAMETER`, the same rows as JSON, so it also travels in an MRD
-stream; :func:`true_motion_from_header`).
+one row per (slice, repetition), or per (slice, repetition, shot) for motion within a scan) is stored in two
+places: the HDF5 dataset ``/dataset/kmotion_true_motion`` (:func:`truth_path`; inside the ISMRMRD group, so
+the file keeps one top-level group and readers that take the last or the only group open the raw data;
+:func:`write_true_motion`, :func:`read_true_motion`, which also reads the ``/kmotion/true_motion`` of files
+written by earlier versions) — a structured array with fields ``slice, repetition, dx_px, dy_px, phi_deg,
+dx_mm, dy_mm`` and, only when the truth is per shot, ``shot, centre_shot`` — and the header's
+``userParameterString`` ``kmotion.true_motion`` (:data:`TRUTH_USER_PARAMETER`, the same rows as JSON,
+:func:`truth_json`, so it also travels in an MRD stream; :func:`true_motion_from_header`).
+
+Per-shot truth (``shot >= 0``): ``shot`` is the echo train (``idx.segment``) of the row, ``centre_shot`` the
+train of that (slice, repetition) that reads the k-space centre row (``n_ky // 2``; :func:`centre_shots`),
+the gauge of a scan without a motion-free reference.  Per-repetition rows have ``shot = centre_shot = -1``
+and are written without these columns (files and headers as before).
 """
 
 from __future__ import annotations
@@ -29,8 +35,10 @@ __all__ = [
     "TRUTH_USER_PARAMETER",
     "IsmrmrdWriter",
     "TrueMotion",
+    "centre_shots",
     "read_true_motion",
     "true_motion_from_header",
+    "truth_json",
     "truth_path",
     "write_stream",
     "write_true_motion",
@@ -46,10 +54,12 @@ TRUTH_USER_PARAMETER = "kmotion.true_motion"
 
 @dataclass(frozen=True)
 class TrueMotion:
-    """The motion of one (slice, repetition) relative to the motion-free reference (repetition 0).
+    """The motion of one (slice, repetition) — or of one echo train ``shot`` of it — relative to the
+    motion-free reference (repetition 0, or the simulated object's pose).
 
     ``dx_px``/``dy_px`` in pixels of the recon grid, ``phi_deg`` in degrees, ``dx_mm``/``dy_mm`` in mm
-    (``docs/conventions.md``).
+    (``docs/conventions.md``).  ``shot``: the echo train (``idx.segment``), -1 for per-repetition truth;
+    ``centre_shot``: the train of the (slice, repetition) that reads the k-space centre row, -1 when unknown.
     """
 
     slice: int
@@ -59,6 +69,8 @@ class TrueMotion:
     phi_deg: float
     dx_mm: float
     dy_mm: float
+    shot: int = -1
+    centre_shot: int = -1
 
 
 _TRUTH_DTYPE = np.dtype(
@@ -74,7 +86,33 @@ _TRUTH_DTYPE = np.dtype(
 )
 
 
-_TRUTH_FLOATS = ("dx_px", "dy_px", "phi_deg", "dx_mm", "dy_mm")
+_SHOT_DTYPE = np.dtype(_TRUTH_DTYPE.descr + [("shot", "<i4"), ("centre_shot", "<i4")])
+_SHOT_FIELDS = ("shot", "centre_shot")
+
+
+def _per_shot(truth: Sequence[TrueMotion]) -> bool:
+    return any(t.shot >= 0 for t in truth)
+
+
+def _truth_dict(t: TrueMotion, per_shot: bool) -> dict[str, float | int]:
+    d = asdict(t)
+    if not per_shot:
+        for k in _SHOT_FIELDS:
+            d.pop(k)
+    return d
+
+
+def truth_json(truth: Sequence[TrueMotion]) -> str:
+    """The rows as compact JSON (the header's ``kmotion.true_motion``); ``shot``/``centre_shot`` only when the
+    truth is per shot (any ``shot >= 0``).  Not XML-escaped."""
+    per_shot = _per_shot(truth)
+    return json.dumps([_truth_dict(t, per_shot) for t in truth], separators=(",", ":"))
+
+
+def centre_shots(truth: Sequence[TrueMotion]) -> dict[tuple[int, int], int]:
+    """``{(slice, repetition): centre_shot}`` of per-shot truth rows (rows with ``centre_shot < 0`` are left
+    out; empty for per-repetition truth)."""
+    return {(t.slice, t.repetition): t.centre_shot for t in truth if t.centre_shot >= 0}
 
 
 def write_stream(
@@ -189,8 +227,11 @@ def truth_path(dataset: str = "dataset") -> str:
 
 
 def write_true_motion(path: str | Path, truth: Sequence[TrueMotion], dataset: str = "dataset") -> None:
-    """Store ``truth`` as the structured dataset ``/<dataset>/kmotion_true_motion`` (replacing it)."""
-    arr = np.array([tuple(asdict(t).values()) for t in truth], dtype=_TRUTH_DTYPE)
+    """Store ``truth`` as the structured dataset ``/<dataset>/kmotion_true_motion`` (replacing it); with
+    ``shot, centre_shot`` columns only when the truth is per shot."""
+    per_shot = _per_shot(truth)
+    dtype = _SHOT_DTYPE if per_shot else _TRUTH_DTYPE
+    arr = np.array([tuple(_truth_dict(t, per_shot).values()) for t in truth], dtype=dtype)
     name = truth_path(dataset)
     with h5py.File(path, "a") as f:
         if name in f:
@@ -200,6 +241,12 @@ def write_true_motion(path: str | Path, truth: Sequence[TrueMotion], dataset: st
             "true rigid in-plane motion per (slice, repetition) relative to repetition 0: g(r) = "
             "f(R(phi)^-1 (r - t)); dx/dy in pixels of the recon grid and in mm, phi in degrees "
             "(kmotion docs/conventions.md)"
+            + (
+                "; one row per echo train: shot = idx.segment, centre_shot = the train of the (slice, "
+                "repetition) reading the k-space centre row (the gauge without a motion-free reference)"
+                if per_shot
+                else ""
+            )
         )
 
 
@@ -211,8 +258,20 @@ def read_true_motion(path: str | Path, dataset: str = "dataset") -> list[TrueMot
         if name is None:
             return None
         arr = f[name][()]
+    names = arr.dtype.names or ()
     return [
-        TrueMotion(int(a["slice"]), int(a["repetition"]), *(float(a[k]) for k in _TRUTH_FLOATS)) for a in arr
+        TrueMotion(
+            int(a["slice"]),
+            int(a["repetition"]),
+            float(a["dx_px"]),
+            float(a["dy_px"]),
+            float(a["phi_deg"]),
+            float(a["dx_mm"]),
+            float(a["dy_mm"]),
+            int(a["shot"]) if "shot" in names else -1,
+            int(a["centre_shot"]) if "centre_shot" in names else -1,
+        )
+        for a in arr
     ]
 
 

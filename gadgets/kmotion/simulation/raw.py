@@ -39,9 +39,8 @@ phi_deg, dx_mm, dy_mm``.  In the header (so it also travels in an MRD stream): `
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ismrmrd
@@ -49,7 +48,13 @@ import ismrmrd.xsd
 import numpy as np
 import torch
 
-from kmotion.io.ismrmrd_writer import TRUTH_USER_PARAMETER, TrueMotion, write_stream, write_true_motion
+from kmotion.io.ismrmrd_writer import (
+    TRUTH_USER_PARAMETER,
+    TrueMotion,
+    truth_json,
+    write_stream,
+    write_true_motion,
+)
 from kmotion.physics.fft import fft2c
 from kmotion.physics.motion import apply_motion_image
 from kmotion.physics.validate import InputError
@@ -64,7 +69,13 @@ __all__ = [
     "RawAcquisition",
     "RawConfig",
     "simulate_raw",
+    "header_xml",
+    "imaging_line",
+    "noise_acquisition",
+    "simulate_raw",
     "simulate_raw_from_objects",
+    "slice_geometry",
+    "time_stamp_ticks",
     "write_raw",
 ]
 
@@ -206,7 +217,9 @@ def draw_motion_schedule(config: RawConfig) -> np.ndarray:
     return out
 
 
-def _header_xml(config: RawConfig, n_acquired: int, truth: list[TrueMotion], fov_x_enc: float) -> str:
+def header_xml(config: RawConfig, n_acquired: int, truth: list[TrueMotion], fov_x_enc: float) -> str:
+    """The ISMRMRD header (XML text) of a simulated acquisition: ``n_acquired`` lines per slice in echo trains
+    of ``config.echo_train_length``, encoded FOV x ``fov_x_enc`` mm, ``truth`` in ``kmotion.true_motion``."""
     n_y, n_x = config.matrix
     fov_y, fov_x = config.fov_mm
     os_ = config.readout_oversampling
@@ -217,8 +230,7 @@ def _header_xml(config: RawConfig, n_acquired: int, truth: list[TrueMotion], fov
     )
     calib = "embedded" if config.calibration_lines else "other"
     thick = config.slice_thickness_mm
-    truth_json = json.dumps([asdict(t) for t in truth], separators=(",", ":"))
-    truth_json = truth_json.replace("&", "&amp;").replace("<", "&lt;")
+    truth_text = truth_json(truth).replace("&", "&amp;").replace("<", "&lt;")
     waveform_info = (
         "<waveformInformation><waveformName>RESP</waveformName><waveformType>respiratory</waveformType>"
         "<userParameters></userParameters></waveformInformation>"
@@ -281,7 +293,7 @@ def _header_xml(config: RawConfig, n_acquired: int, truth: list[TrueMotion], fov
   </sequenceParameters>
   <userParameters>
     <userParameterLong><name>kmotion.reference_repetition</name><value>0</value></userParameterLong>
-    <userParameterString><name>{TRUTH_USER_PARAMETER}</name><value>{truth_json}</value></userParameterString>
+    <userParameterString><name>{TRUTH_USER_PARAMETER}</name><value>{truth_text}</value></userParameterString>
   </userParameters>
   {waveform_info}
 </ismrmrdHeader>
@@ -307,13 +319,67 @@ def _acquired_rows(config: RawConfig) -> list[tuple[int, int]]:
     return rows
 
 
-def _geometry(config: RawConfig, s: int) -> tuple[list[float], ...]:
+def slice_geometry(config: RawConfig, s: int) -> tuple[list[float], ...]:
+    """``(position, read_dir, phase_dir, slice_dir)`` of slice ``s`` (axial slices centred on z = 0, mm)."""
     z = (s - (config.n_slices - 1) / 2) * (config.slice_thickness_mm + config.slice_gap_mm)
     return [0.0, 0.0, float(z)], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]
 
 
-def _ticks(ms: float) -> int:
+def time_stamp_ticks(ms: float) -> int:
+    """``acquisition_time_stamp`` of a time in ms (2.5 ms ticks)."""
     return int(round(ms / _TICK_MS))
+
+
+def noise_acquisition(
+    n_coils: int, n_samples: int, sigma: float, seed: int, sample_time_us: float, time_ms: float = 0.0
+) -> ismrmrd.Acquisition:
+    """The noise line (``ACQ_IS_NOISE_MEASUREMENT``, ``scan_counter`` 1): ``(n_coils, n_samples)`` complex
+    Gaussian noise of standard deviation ``sigma`` (seeded by ``seed``)."""
+    rng0 = np.random.default_rng([seed, 11])
+    noise = rng0.standard_normal((n_coils, n_samples)) + 1j * rng0.standard_normal((n_coils, n_samples))
+    noise_acq = ismrmrd.Acquisition.from_array((noise * sigma / math.sqrt(2)).astype(np.complex64))
+    noise_acq.set_flag(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)
+    noise_acq.scan_counter = 1
+    noise_acq.available_channels = n_coils
+    noise_acq.sample_time_us = sample_time_us
+    noise_acq.acquisition_time_stamp = time_stamp_ticks(time_ms)
+    noise_acq.center_sample = n_samples // 2
+    return noise_acq
+
+
+def imaging_line(
+    data: np.ndarray,
+    *,
+    scan_counter: int,
+    sample_time_us: float,
+    time_ms: float,
+    row: int,
+    slice_index: int,
+    repetition: int,
+    segment: int,
+    geometry: tuple[list[float], ...],
+    flag: int = 0,
+) -> ismrmrd.Acquisition:
+    """One k-space line ``data`` ``(n_coils, n_samples)`` with its counters, time stamp, slice geometry
+    (:func:`slice_geometry`) and ``flag`` (0: none); ``center_sample`` is ``n_samples // 2``."""
+    acq = ismrmrd.Acquisition.from_array(np.ascontiguousarray(data, np.complex64))
+    acq.scan_counter = scan_counter
+    acq.available_channels = data.shape[0]
+    acq.sample_time_us = sample_time_us
+    acq.center_sample = data.shape[-1] // 2
+    acq.acquisition_time_stamp = time_stamp_ticks(time_ms)
+    acq.idx.kspace_encode_step_1 = row  # encodingLimits centre = n_y // 2 = centre row
+    acq.idx.slice = slice_index
+    acq.idx.repetition = repetition
+    acq.idx.segment = segment
+    position, read_dir, phase_dir, slice_dir = geometry
+    acq.position[:] = position
+    acq.read_dir[:] = read_dir
+    acq.phase_dir[:] = phase_dir
+    acq.slice_dir[:] = slice_dir
+    if flag:
+        acq.set_flag(flag)
+    return acq
 
 
 def simulate_raw_from_objects(
@@ -372,25 +438,15 @@ def simulate_raw_from_objects(
         for r in range(config.n_repetitions)
         for s in range(config.n_slices)
     ]
-    header = ismrmrd.xsd.CreateFromDocument(_header_xml(config, len(rows), truth, fov_x_enc))
+    header = ismrmrd.xsd.CreateFromDocument(header_xml(config, len(rows), truth, fov_x_enc))
 
     items: list[object] = []
     counter = 0
     t_ms = 0.0
     sample_time_us = 5.0 / os_
     if sigma > 0:
-        rng0 = np.random.default_rng([config.seed, 11])
-        noise = rng0.standard_normal((config.n_coils, n_ro)) + 1j * rng0.standard_normal(
-            (config.n_coils, n_ro)
-        )
-        noise_acq = ismrmrd.Acquisition.from_array((noise * sigma / math.sqrt(2)).astype(np.complex64))
-        noise_acq.set_flag(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)
-        noise_acq.scan_counter = counter = 1
-        noise_acq.available_channels = config.n_coils
-        noise_acq.sample_time_us = sample_time_us
-        noise_acq.acquisition_time_stamp = _ticks(t_ms)
-        noise_acq.center_sample = n_ro // 2
-        items.append(noise_acq)
+        items.append(noise_acquisition(config.n_coils, n_ro, sigma, config.seed, sample_time_us, t_ms))
+        counter = 1
         t_ms += config.tr_ms
     etl = config.echo_train_length
     for r in range(config.n_repetitions):
@@ -417,31 +473,27 @@ def simulate_raw_from_objects(
                 resp.astype(np.uint32).reshape(1, -1),
                 waveform_id=2,
                 sample_time_us=20000.0,
-                time_stamp=_ticks(t_ms),
+                time_stamp=time_stamp_ticks(t_ms),
                 scan_counter=counter,
             )
             items.append(wave)
         for s in range(config.n_slices):
-            position, read_dir, phase_dir, slice_dir = _geometry(config, s)
+            geometry = slice_geometry(config, s)
             for i, (row, flag) in enumerate(rows):
                 seg, echo = divmod(i, etl)
-                acq = ismrmrd.Acquisition.from_array(np.ascontiguousarray(kspace[s, :, row, :], np.complex64))
                 counter += 1
-                acq.scan_counter = counter
-                acq.available_channels = config.n_coils
-                acq.sample_time_us = sample_time_us
-                acq.center_sample = n_ro // 2
-                acq.acquisition_time_stamp = _ticks(t_ms + seg * config.tr_ms + echo * config.echo_spacing_ms)
-                acq.idx.kspace_encode_step_1 = row  # encodingLimits centre = n_y // 2 = centre row
-                acq.idx.slice = s
-                acq.idx.repetition = r
-                acq.idx.segment = seg
-                acq.position[:] = position
-                acq.read_dir[:] = read_dir
-                acq.phase_dir[:] = phase_dir
-                acq.slice_dir[:] = slice_dir
-                if flag:
-                    acq.set_flag(flag)
+                acq = imaging_line(
+                    kspace[s, :, row, :],
+                    scan_counter=counter,
+                    sample_time_us=sample_time_us,
+                    time_ms=t_ms + seg * config.tr_ms + echo * config.echo_spacing_ms,
+                    row=row,
+                    slice_index=s,
+                    repetition=r,
+                    segment=seg,
+                    geometry=geometry,
+                    flag=flag,
+                )
                 if i == 0:
                     acq.set_flag(ismrmrd.ACQ_FIRST_IN_SLICE)
                     if s == 0:
