@@ -9,7 +9,8 @@ inspect     load users' raw data (ISMRMRD/fastMRI ``.h5``, Siemens ``.dat``) as 
 stream      MRD v1 or v2 stream on stdin through the motion-correction gadget to stdout
 serve       FIRE-style MRD server answering with motion-corrected images
 gadgetron   the Gadgetron external gadget, listening for a chain's <connect port=...>
-simulate-raw  write a simulated multi-coil ISMRMRD acquisition with known rigid motion
+simulate-raw  write a simulated multi-coil ISMRMRD acquisition with known rigid motion (``--intra-scan``:
+            motion between the echo trains of one multi-shot scan)
 replay      stream an ISMRMRD ``.h5`` (or MRD v2) file through the motion-correction gadget (corrected data,
             images, CSV)
 """
@@ -211,18 +212,76 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_simulate_intra_scan(args: argparse.Namespace) -> int:
+    from kmotion.physics.validate import InputError
+    from kmotion.simulation.intra_scan import IntraScanConfig, simulate_intra_scan, write_intra_scan
+
+    for flag, given in (("--repetitions", args.repetitions is not None), ("--waveforms", args.waveforms)):
+        if given:
+            raise InputError(f"{flag} is not an option of --intra-scan (use --reference-repetitions N)")
+    cfg = IntraScanConfig(
+        matrix=tuple(args.matrix),
+        fov_mm=tuple(args.fov),
+        n_coils=args.coils,
+        n_slices=args.slices,
+        ordering=args.ordering,
+        echo_train_length=16 if args.echo_train_length is None else args.echo_train_length,
+        calibration_lines=0 if args.no_calibration else args.calibration_lines,
+        separate_calibration=args.separate_calibration,
+        readout_oversampling=1 if args.no_oversampling else 2,
+        snr=None if args.snr <= 0 else args.snr,
+        t2_ms=None if args.t2_ms <= 0 else args.t2_ms,
+        pattern=args.pattern,
+        max_mm=args.max_mm,
+        max_deg=args.max_deg,
+        reference_repetitions=args.reference_repetitions,
+        seed=args.seed,
+    )
+    acq = simulate_intra_scan(cfg)
+    out = write_intra_scan(acq, args.out)
+    cal = (
+        f"{cfg.calibration_lines} calibration lines "
+        + ("in a separate scan (encoding space 1)" if cfg.separate_calibration else "in the echo trains")
+        if cfg.calibration_lines
+        else "no calibration lines"
+    )
+    print(
+        f"wrote {out}: {len(acq.acquisitions)} acquisitions ({cfg.n_coils} coils, {cfg.n_slices} slice(s), "
+        f"matrix {cfg.matrix[0]} x {cfg.matrix[1]}, R = {cfg.acceleration}, {cal}), "
+        f"{acq.sampling.n_shots} echo trains of up to {cfg.echo_train_length} ({cfg.ordering}), "
+        f"{cfg.reference_repetitions} motion-free reference repetition(s) before the moved scan; "
+        f"per-shot true motion in /dataset/kmotion_true_motion"
+    )
+    gauge = (
+        "relative to the reference repetition 0"
+        if cfg.reference_repetitions
+        else f"relative to shot {acq.centre_shot}, the one reading the k-space centre (the scan's pose)"
+    )
+    print(f"moved repetition {cfg.n_repetitions - 1}, pattern {cfg.pattern}, motion {gauge}:")
+    print("repetition,shot,dx_px,dy_px,phi_deg,dx_mm,dy_mm")
+    for t in acq.truth:
+        if t.slice == 0 and t.repetition == cfg.n_repetitions - 1:
+            print(
+                f"{t.repetition},{t.shot},{t.dx_px:.3f},{t.dy_px:.3f},{t.phi_deg:.3f},{t.dx_mm:.3f},"
+                f"{t.dy_mm:.3f}"
+            )
+    return 0
+
+
 def cmd_simulate_raw(args: argparse.Namespace) -> int:
     from kmotion.simulation.raw import RawConfig, simulate_raw, write_raw
 
+    if args.intra_scan:
+        return _cmd_simulate_intra_scan(args)
     cfg = RawConfig(
         matrix=tuple(args.matrix),
         fov_mm=tuple(args.fov),
         n_coils=args.coils,
         n_slices=args.slices,
-        n_repetitions=args.repetitions,
+        n_repetitions=12 if args.repetitions is None else args.repetitions,
         calibration_lines=0 if args.no_calibration else args.calibration_lines,
         readout_oversampling=1 if args.no_oversampling else 2,
-        echo_train_length=args.echo_train_length,
+        echo_train_length=8 if args.echo_train_length is None else args.echo_train_length,
         snr=None if args.snr <= 0 else args.snr,
         seed=args.seed,
         waveforms=args.waveforms,
@@ -254,14 +313,45 @@ def _simulate_raw_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--fov", type=float, nargs=2, default=(220.0, 220.0), metavar=("FOV_Y", "FOV_X"))
     r.add_argument("--coils", type=int, default=8)
     r.add_argument("--slices", type=int, default=2)
-    r.add_argument("--repetitions", type=int, default=12, help="repetition 0 is motion-free")
+    r.add_argument("--repetitions", type=int, default=None, help="repetition 0 is motion-free (default 12)")
     r.add_argument("--snr", type=float, default=30.0, help="SNR of the complex noise (0: no noise)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--calibration-lines", type=int, default=24, help="fully sampled centre block")
     r.add_argument("--no-calibration", action="store_true", help="no calibration block")
     r.add_argument("--no-oversampling", action="store_true", help="no 2x readout oversampling")
-    r.add_argument("--echo-train-length", type=int, default=8)
+    r.add_argument(
+        "--echo-train-length", "--etl", type=int, default=None, help="default 8 (--intra-scan: 16)"
+    )
     r.add_argument("--waveforms", action="store_true", help="add a respiratory waveform per repetition")
+    m = r.add_argument_group("motion within the scan (--intra-scan)")
+    m.add_argument(
+        "--intra-scan",
+        action="store_true",
+        help="one multi-shot scan whose object moves between echo trains (per-shot truth)",
+    )
+    m.add_argument(
+        "--ordering",
+        default="interleaved",
+        choices=("linear", "centric", "interleaved", "checkered", "linear_checkered"),
+        help="which rows each echo train reads",
+    )
+    m.add_argument(
+        "--pattern", default="steps", choices=("steps", "drift", "jerk", "random", "none"), help="motion"
+    )
+    m.add_argument("--max-mm", type=float, default=10.0, help="largest translation per axis [mm]")
+    m.add_argument("--max-deg", type=float, default=10.0, help="largest rotation [deg]")
+    m.add_argument("--t2-ms", type=float, default=0.0, help="T2 decay along the echo train (0: none)")
+    m.add_argument(
+        "--separate-calibration",
+        action="store_true",
+        help="calibration lines as a separate motion-free scan in encoding space 1",
+    )
+    m.add_argument(
+        "--reference-repetitions",
+        type=int,
+        default=0,
+        help="motion-free repetitions before the moved scan (0: the gauge is the shot reading the centre)",
+    )
     r.set_defaults(func=cmd_simulate_raw)
 
 

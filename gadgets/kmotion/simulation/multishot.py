@@ -291,8 +291,11 @@ def shot_kspace(
     x0 = n_ro // 2 - n_x // 2
     out = torch.zeros((*maps.shape[:-1], n_ro), dtype=torch.complex64)
     echo = sampling.echo_of_row()
+    rows_of_pose: dict[tuple[float, float, float], list[int]] = {}  # shots sharing a pose: one FFT
     for s, rows in enumerate(sampling.shots):
-        dx, dy, phi = (float(v) for v in mot[s])
+        pose = (float(mot[s, 0]), float(mot[s, 1]), float(mot[s, 2]))
+        rows_of_pose.setdefault(pose, []).extend(rows)
+    for (dx, dy, phi), r in rows_of_pose.items():
         moved = (
             apply_motion_image(image[None], dx, dy, phi, pixel_spacing_mm)[0]
             if (dx, dy, phi) != (0, 0, 0)
@@ -303,9 +306,9 @@ def shot_kspace(
             padded = torch.zeros((*coil_img.shape[:-1], n_ro), dtype=torch.complex64)
             padded[..., x0 : x0 + n_x] = coil_img
             coil_img = padded
-        k = fft2c(coil_img)
-        r = list(rows)
-        out[:, r] = k[:, r]
-        if t2_decay is not None:
-            out[:, r] *= torch.as_tensor(np.asarray(t2_decay)[echo[r]], dtype=torch.float32)[None, :, None]
+        out[:, r] = fft2c(coil_img)[:, r]
+    if t2_decay is not None:
+        acquired = np.flatnonzero(echo >= 0)
+        amp = torch.as_tensor(np.asarray(t2_decay)[echo[acquired]], dtype=torch.float32)
+        out[:, acquired] *= amp[None, :, None]
     return out
