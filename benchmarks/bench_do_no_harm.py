@@ -79,7 +79,9 @@ def run_setting(
 ) -> list[MotionReport]:
     """Reports of the moved repetitions (1..) of one simulated acquisition."""
     obj = objects(kind, n, seed)
-    maps = coil_maps_from_coefficients(make_coil_coefficients(1, coils, (n, n), (FOV, FOV), generator=seed + 1), (n, n))
+    maps = coil_maps_from_coefficients(
+        make_coil_coefficients(1, coils, (n, n), (FOV, FOV), generator=seed + 1), (n, n)
+    )
     cfg = RawConfig(
         matrix=(n, n),
         fov_mm=(FOV, FOV),
@@ -159,7 +161,9 @@ def main() -> None:
                         if not r.corrected:
                             flagged += 1
                             continue
-                        e = np.array([(r.dx_px - m[0]) * spacing, (r.dy_px - m[1]) * spacing, r.rot_deg - m[2]])
+                        e = np.array(
+                            [(r.dx_px - m[0]) * spacing, (r.dy_px - m[1]) * spacing, r.rot_deg - m[2]]
+                        )
                         errs.append(np.abs(e))
                         gross += int(np.abs(e).max() > 1.0)
                     mae = np.mean(errs, 0) if errs else np.full(3, math.nan)

@@ -15,7 +15,17 @@ from kmotion.physics import fft2c
 
 def _report(s: int, r: int) -> MotionReport:
     return MotionReport(
-        SliceKey(slice=s, contrast=0, phase=0, repetition=r, set=0), 0, 1.5, -0.5, 3.0, 2.58, -0.86, (2.58, -0.86, 0.0), False, True, ""
+        SliceKey(slice=s, contrast=0, phase=0, repetition=r, set=0),
+        0,
+        1.5,
+        -0.5,
+        3.0,
+        2.58,
+        -0.86,
+        (2.58, -0.86, 0.0),
+        False,
+        True,
+        "",
     )
 
 

@@ -44,8 +44,8 @@ from kmotion.gadget.calibration import CalibrationStore, coil_maps_for
 from kmotion.gadget.noise import NoiseStore, apply_whitening
 from kmotion.gadget.params import GadgetParams
 from kmotion.gadget.reference import Reference, SliceWork
+from kmotion.gadget.reference_model import ReferenceModel, build_reference_model
 from kmotion.gadget.report import MotionReport, blank_report
-from kmotion.physics.sense import sense_reconstruct
 from kmotion.physics.validate import InputError
 
 __all__ = [
@@ -54,7 +54,7 @@ __all__ = [
     "decide",
     "estimate_motion",
     "prepare_crops",
-    "reference_image",
+    "reference_model",
     "report_for",
 ]
 
@@ -137,22 +137,17 @@ def _network_seeds(work: list[SliceWork], estimator: NetworkEstimator, r_net: in
                 w.seed = m
 
 
-def reference_image(ref: Reference, calibration: CalibrationStore, device: torch.device) -> str | None:
-    """Fill ``ref.maps`` and ``ref.image`` (SENSE image of the reference on its acquired samples, prewhitened
-    model) on first use; returns the reason when there are no coil maps."""
-    if ref.maps is None:
-        ref.maps = coil_maps_for(ref.slice, calibration, device)
-    if isinstance(ref.maps, str):
-        return ref.maps
-    if ref.image is None:
-        a = ref.slice
-        maps = ref.maps.to(device)
-        y = torch.from_numpy(a.kspace).to(device)
-        mask = torch.from_numpy(a.samples()).to(device)
-        ref.image = sense_reconstruct(
-            y[None], mask[None], maps[None], None, a.pixel_spacing_mm, REFERENCE_ITERATIONS, REFERENCE_LAMBDA
-        )[0]
-    return None
+def reference_model(
+    ref: Reference, calibration: CalibrationStore, noise: NoiseStore, dwell_us: float, device: torch.device
+) -> ReferenceModel | str:
+    """The prewhitened SENSE model of a reference (:mod:`kmotion.gadget.reference_model`), computed on first
+    use (with its coil maps), or the reason why there is none."""
+    if ref.model is None:
+        if ref.maps is None:
+            ref.maps = coil_maps_for(ref.slice, calibration, device)
+        ref.model = build_reference_model(ref.slice, ref.maps, noise, dwell_us, device)
+    assert isinstance(ref.model, ReferenceModel | str)
+    return ref.model
 
 
 def inscribed_disc(shape: tuple[int, ...]) -> np.ndarray:
@@ -255,11 +250,13 @@ def report_for(
     )
 
 
+def _dwell(w: SliceWork) -> float:
+    return float(w.buffer.acquisitions[0].sample_time_us)
+
+
 def _noise_var(w: SliceWork, noise: NoiseStore, n_coils: int) -> tuple[np.ndarray | None, float, str]:
     """Whitening matrix (or None), the noise variance per sample of the (whitened) data, and its source."""
-    assert w.assembled is not None
-    acq = w.buffer.acquisitions[0]
-    white = noise.whitening(n_coils, float(acq.sample_time_us))
+    white = noise.whitening(n_coils, _dwell(w))
     if white is not None:
         return white, 1.0, f"noise lines ({noise.n_lines})"
     return None, math.nan, "from the residual (no noise lines)"
@@ -280,15 +277,15 @@ def estimate_motion(
     groups: dict[tuple[object, ...], list[SliceWork]] = {}
     for w in todo:
         assert w.reference is not None and w.assembled is not None
-        why = reference_image(w.reference, calibration, device)
-        if why is not None:
-            _translation_only(w, why, params, noise)
+        model = reference_model(w.reference, calibration, noise, _dwell(w), device)
+        if isinstance(model, str):
+            _translation_only(w, model, params, noise)
             continue
         a = w.assembled
         groups.setdefault((a.kspace.shape, a.pixel_spacing_mm), []).append(w)
     for ws in groups.values():
         try:
-            _fit_group(ws, params, noise, device)
+            _fit_group(ws, params, device)
         except (InputError, RuntimeError, ValueError) as exc:
             for w in ws:
                 assert w.reference is not None
@@ -296,33 +293,31 @@ def estimate_motion(
                 w.report = blank_report(w.buffer.key, ref_rep, f"not estimated: {exc}")
 
 
-def _fit_group(ws: list[SliceWork], params: GadgetParams, noise: NoiseStore, device: torch.device) -> None:
+def _fit_group(ws: list[SliceWork], params: GadgetParams, device: torch.device) -> None:
     """The data-consistency fit of slices on one grid (module docstring, steps 1-3)."""
     a0 = ws[0].assembled
     assert a0 is not None
     spacing = a0.pixel_spacing_mm
     n_c = a0.kspace.shape[0]
-    ys, maps, refs, masks, nvs, sources, rhos = [], [], [], [], [], [], []
+    models: list[ReferenceModel] = []
+    ys, masks, weights, rhos = [], [], [], []
     for w in ws:
         assert w.assembled is not None and w.reference is not None
-        assert isinstance(w.reference.maps, torch.Tensor) and w.reference.image is not None
-        white, nv, source = _noise_var(w, noise, n_c)
-        y = apply_whitening(white, torch.from_numpy(w.assembled.kspace).to(device), 0)
-        m = apply_whitening(white, w.reference.maps.to(device), 0)
-        ys.append(y)
-        maps.append(m)
-        refs.append(w.reference.image.to(device))
+        model = w.reference.model
+        assert isinstance(model, ReferenceModel)
+        models.append(model)
+        ys.append(apply_whitening(model.white, torch.from_numpy(w.assembled.kspace).to(device), 0))
         fitted = w.assembled.samples() & inscribed_disc(w.assembled.kspace.shape[1:])
         masks.append(torch.from_numpy(fitted).to(device))
-        nvs.append(nv)
+        weights.append(model.weights.to(device))
         n_ref = int(w.reference.slice.samples().sum()) * n_c
         rhos.append(min(1.0, a0.kspace.shape[1] * a0.kspace.shape[2] / max(n_ref, 1)))
-        sources.append(source)
     kspace = torch.stack(ys)
-    problems = ShotProblems.from_masks(kspace, torch.stack(masks)[:, None])
-    problems, vmaps = problems.compressed(kspace, torch.stack(maps), N_VIRTUAL)
-    reference = torch.stack(refs)
-    sigma2 = torch.tensor(nvs, dtype=torch.float64, device=device)
+    problems = ShotProblems.from_masks(kspace, torch.stack(masks)[:, None], torch.stack(weights))
+    problems, vmaps = problems.compressed(kspace, torch.stack([m.maps for m in models]), N_VIRTUAL)
+    reference = torch.stack([m.image for m in models])
+    noise_reference = torch.stack([m.noise_image for m in models])
+    sigma2 = torch.tensor([m.sigma2 for m in models], dtype=torch.float64, device=device)
     lim_t = (params.max_translation_mm / spacing[1], params.max_translation_mm / spacing[0])
     angles = torch.arange(
         -params.max_rotation_deg, params.max_rotation_deg + 1e-9, ANGLE_STEP_DEG, dtype=torch.float64
@@ -337,21 +332,28 @@ def _fit_group(ws: list[SliceWork], params: GadgetParams, noise: NoiseStore, dev
             extra[i, 1] = w.seed.to(device)
     cands = torch.cat([extra, cands.to(device)], 1)
     fit = fit_shots(
-        reference, vmaps, problems, cands, spacing, None, keep=2, use_neighbours=False, n_phase=N_PHASE
+        reference,
+        vmaps,
+        problems,
+        cands,
+        spacing,
+        None,
+        keep=2,
+        use_neighbours=False,
+        n_phase=N_PHASE,
+        noise_reference=noise_reference,
     )
     rho = torch.tensor(rhos, dtype=torch.float64, device=device)[problems.slice_index]
     from_residual = fit.residual_variance() * 2 / (1 + rho)
-    from_lines = 2 * sigma2[problems.slice_index]  # NaN without noise lines
-    noise_var = torch.where(torch.isnan(from_lines), from_residual, torch.maximum(from_lines, from_residual))
+    noise_var = torch.maximum(2 * sigma2[problems.slice_index], from_residual)
     fit = fit.with_noise_var(noise_var)
     for i, w in enumerate(ws):
         motion = tuple(float(v) for v in fit.motion[i])
         std = tuple(float(v) for v in fit.std[i])
         seed = "network seed + global search" if w.seed is not None else f"global search ({w.network_note})"
-        method = f"data-consistency fit ({seed}); noise: {sources[i]}"
-        if math.isfinite(nvs[i]):
-            ratio = float(fit.residual_variance()[i] / nvs[i])
-            method += f"; residual / noise-line variance {ratio:.2f}"
+        method = f"data-consistency fit ({seed}); noise: {models[i].source}"
+        ratio = float(fit.residual_variance()[i] / models[i].sigma2)
+        method += f"; residual / noise variance {ratio:.2f}"
         w.report = report_for(
             w, motion, std, float(fit.statistic[i]), 3, params, method, bool(fit.ambiguous[i])  # type: ignore[arg-type]
         )

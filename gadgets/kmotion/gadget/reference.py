@@ -28,7 +28,7 @@ class Reference:
 
     slice: AssembledSlice
     maps: torch.Tensor | str | None = None  # None: not computed yet; str: why there are none
-    image: torch.Tensor | None = None  # SENSE image (n_y, n_x) of the reference, computed on first use
+    model: object | None = None  # its ReferenceModel (gadget/reference_model.py) or why none; on first use
 
 
 References = dict[tuple[int, int, int, int], Reference]
