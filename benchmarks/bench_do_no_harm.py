@@ -1,4 +1,4 @@
-"""Do no harm: false corrections on motion-free data, detection of small motion, accuracy over the capture range.
+"""Do no harm: false corrections without motion, detection of small motion, accuracy over the capture range.
 
 Data: ``kmotion.simulation.raw.simulate_raw_from_objects`` with repetition 0 the reference and the other
 repetitions motion-free or moved, through the whole gadget (``MotionCorrector``, default parameters):
@@ -136,8 +136,8 @@ def main() -> None:
         f"# bench_do_no_harm: matrix {n}, FOV {FOV:g} mm, {args.repeats} repetitions per part; "
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s)",
         "",
-        "| object | coils | R | SNR | motion-free changed | largest applied (px, deg) | detected (>= 0.5 mm/deg) "
-        "| MAE dx, dy [mm], phi [deg] over +-20 mm/+-15 deg | gross / flagged |",
+        "| object | coils | R | SNR | motion-free changed | largest applied (px, deg) "
+        "| detected (>= 0.5 mm/deg) | MAE dx, dy [mm], phi [deg] over +-20 mm/+-15 deg | gross / flagged |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
@@ -169,7 +169,8 @@ def main() -> None:
                     mae = np.mean(errs, 0) if errs else np.full(3, math.nan)
                     ill = " (ill-posed)" if coils < accel else ""
                     row = (
-                        f"| {kind} | {coils} | {accel}{ill} | {snr:g} | {len(changed)}/{len(free)} | {big:.2f} | "
+                        f"| {kind} | {coils} | {accel}{ill} | {snr:g} | {len(changed)}/{len(free)} "
+                        f"| {big:.2f} | "
                         f"{det}/{len(res['small'])} | {mae[0]:.3f}, {mae[1]:.3f}, {mae[2]:.3f} | "
                         f"{gross}/{len(errs)} / {flagged} |"
                     )
@@ -185,7 +186,8 @@ def main() -> None:
                         totals["gross"][1] += len(errs)
     summary = [
         "",
-        f"Well-posed settings (coils >= R): motion-free slices changed {totals['free'][0]}/{totals['free'][1]}; "
+        "Well-posed settings (coils >= R): motion-free slices changed "
+        f"{totals['free'][0]}/{totals['free'][1]}; "
         f"small motion detected at SNR >= 20: {totals['det'][0]}/{totals['det'][1]}; gross errors among "
         f"corrected over the capture range: {totals['gross'][0]}/{totals['gross'][1]}. "
         f"{time.perf_counter() - t0:.0f} s.",
