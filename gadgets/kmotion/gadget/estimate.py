@@ -50,6 +50,8 @@ from kmotion.physics.validate import InputError
 
 __all__ = [
     "Decision",
+    "ShotEstimate",
+    "fit_slices",
     "crop_rows",
     "decide",
     "estimate_motion",
@@ -293,27 +295,56 @@ def estimate_motion(
                 w.report = blank_report(w.buffer.key, ref_rep, f"not estimated: {exc}")
 
 
-def _fit_group(ws: list[SliceWork], params: GadgetParams, device: torch.device) -> None:
-    """The data-consistency fit of slices on one grid (module docstring, steps 1-3)."""
+@dataclass
+class ShotEstimate:
+    """The fit of one shot (or of a whole slice, ``shot`` -1): pose, standard errors, statistic, flags."""
+
+    shot: int
+    motion: tuple[float, float, float]
+    std: tuple[float, float, float]
+    chi2: float
+    ambiguous: bool
+    method: str
+
+
+def fit_slices(
+    ws: list[SliceWork],
+    params: GadgetParams,
+    device: torch.device,
+    shot_rows: list[np.ndarray] | None = None,
+) -> list[list[ShotEstimate]]:
+    """The data-consistency fit of slices on one grid (module docstring, steps 1-3), per slice or per shot.
+
+    ``shot_rows`` (optional, per slice): ``(n_ky,)`` the shot of each row (-1: none); every shot gets its own
+    pose (``docs/intra_scan.md``), else the slice has one.  Returns, per slice, one :class:`ShotEstimate` per
+    shot with data (``shot`` -1 for a whole slice).
+    """
     a0 = ws[0].assembled
     assert a0 is not None
     spacing = a0.pixel_spacing_mm
-    n_c = a0.kspace.shape[0]
+    n_c, n_ky, n_kx = a0.kspace.shape
     models: list[ReferenceModel] = []
     ys, masks, weights, rhos = [], [], [], []
-    for w in ws:
+    n_shots = 1 if shot_rows is None else max(1, max(int(r.max()) + 1 for r in shot_rows))
+    for i, w in enumerate(ws):
         assert w.assembled is not None and w.reference is not None
         model = w.reference.model
         assert isinstance(model, ReferenceModel)
         models.append(model)
         ys.append(apply_whitening(model.white, torch.from_numpy(w.assembled.kspace).to(device), 0))
-        fitted = w.assembled.samples() & inscribed_disc(w.assembled.kspace.shape[1:])
-        masks.append(torch.from_numpy(fitted).to(device))
+        fitted = w.assembled.samples() & inscribed_disc((n_ky, n_kx))
+        m = np.zeros((n_shots, n_ky, n_kx), dtype=bool)
+        if shot_rows is None:
+            m[0] = fitted
+        else:
+            for sh in range(n_shots):
+                m[sh] = fitted & (shot_rows[i] == sh)[:, None]
+        masks.append(torch.from_numpy(m).to(device))
         weights.append(model.weights.to(device))
         n_ref = int(w.reference.slice.samples().sum()) * n_c
-        rhos.append(min(1.0, a0.kspace.shape[1] * a0.kspace.shape[2] / max(n_ref, 1)))
+        rhos.append(min(1.0, n_ky * n_kx / max(n_ref, 1)))
     kspace = torch.stack(ys)
-    problems = ShotProblems.from_masks(kspace, torch.stack(masks)[:, None], torch.stack(weights))
+    problems = ShotProblems.from_masks(kspace, torch.stack(masks), torch.stack(weights))
     problems, vmaps = problems.compressed(kspace, torch.stack([m.maps for m in models]), N_VIRTUAL)
     reference = torch.stack([m.image for m in models])
     noise_reference = torch.stack([m.noise_image for m in models])
@@ -322,14 +353,23 @@ def _fit_group(ws: list[SliceWork], params: GadgetParams, device: torch.device) 
     angles = torch.arange(
         -params.max_rotation_deg, params.max_rotation_deg + 1e-9, ANGLE_STEP_DEG, dtype=torch.float64
     )
+    per_shot = shot_rows is not None
     cands = coarse_search(
-        reference, vmaps, problems, angles, spacing, n_candidates=2, n_translations=1,
+        reference,
+        vmaps,
+        problems,
+        angles,
+        spacing,
+        n_candidates=1 if per_shot else 2,
+        n_translations=4 if per_shot else 1,
         max_translation_px=lim_t,
     )
-    extra = torch.zeros(len(ws), 2, 3, dtype=torch.float64, device=device)  # zero motion, network seed
-    for i, w in enumerate(ws):
-        if w.seed is not None:
-            extra[i, 1] = w.seed.to(device)
+    p = problems.rows.shape[0]
+    extra = torch.zeros(p, 2, 3, dtype=torch.float64, device=device)  # zero motion, network seed
+    for q in range(p):
+        seed = ws[int(problems.slice_index[q])].seed
+        if seed is not None:
+            extra[q, 1] = seed.to(device)
     cands = torch.cat([extra, cands.to(device)], 1)
     fit = fit_shots(
         reference,
@@ -338,8 +378,8 @@ def _fit_group(ws: list[SliceWork], params: GadgetParams, device: torch.device) 
         cands,
         spacing,
         None,
-        keep=2,
-        use_neighbours=False,
+        keep=3 if per_shot else 2,
+        use_neighbours=per_shot,
         n_phase=N_PHASE,
         noise_reference=noise_reference,
     )
@@ -347,16 +387,30 @@ def _fit_group(ws: list[SliceWork], params: GadgetParams, device: torch.device) 
     from_residual = fit.residual_variance() * 2 / (1 + rho)
     noise_var = torch.maximum(2 * sigma2[problems.slice_index], from_residual)
     fit = fit.with_noise_var(noise_var)
-    for i, w in enumerate(ws):
-        motion = tuple(float(v) for v in fit.motion[i])
-        std = tuple(float(v) for v in fit.std[i])
+    out: list[list[ShotEstimate]] = [[] for _ in ws]
+    for q in range(p):
+        i = int(problems.slice_index[q])
+        w = ws[i]
         seed = "network seed + global search" if w.seed is not None else f"global search ({w.network_note})"
         method = f"data-consistency fit ({seed}); noise: {models[i].source}"
-        ratio = float(fit.residual_variance()[i] / models[i].sigma2)
-        method += f"; residual / noise variance {ratio:.2f}"
-        w.report = report_for(
-            w, motion, std, float(fit.statistic[i]), 3, params, method, bool(fit.ambiguous[i])  # type: ignore[arg-type]
+        method += f"; residual / noise variance {float(fit.residual_variance()[q] / models[i].sigma2):.2f}"
+        out[i].append(
+            ShotEstimate(
+                int(problems.shot_index[q]) if per_shot else -1,
+                tuple(float(v) for v in fit.motion[q]),  # type: ignore[arg-type]
+                tuple(float(v) for v in fit.std[q]),  # type: ignore[arg-type]
+                float(fit.statistic[q]),
+                bool(fit.ambiguous[q]),
+                method,
+            )
         )
+    return out
+
+
+def _fit_group(ws: list[SliceWork], params: GadgetParams, device: torch.device) -> None:
+    """One pose per slice (the repetition model): fill ``w.report``."""
+    for w, (est,) in zip(ws, fit_slices(ws, params, device), strict=True):
+        w.report = report_for(w, est.motion, est.std, est.chi2, 3, params, est.method, est.ambiguous)
 
 
 def _translation_only(w: SliceWork, why: str, params: GadgetParams, noise: NoiseStore) -> None:
