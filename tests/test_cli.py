@@ -134,7 +134,7 @@ def test_stream_demo_small(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert summary["mae_dx_px"] < 1.5 and summary["mae_rot_deg"] < 2.0
     header = (tmp_path / "motion.csv").read_text().splitlines()[0]
     assert header.startswith(
-        "slice,contrast,phase,repetition,set,reference_repetition,dx_px,dy_px,rot_deg,dx_std_px,dy_std_px,"
+        "slice,contrast,phase,repetition,set,shot,reference_repetition,dx_px,dy_px,rot_deg,dx_std_px,dy_std_px,"
         "rot_std_deg,dx_mm,dy_mm"
     )
 

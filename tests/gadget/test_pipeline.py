@@ -213,7 +213,7 @@ def test_network_failure_only_loses_the_seed_fit_failure_passes_through(stream_f
     def fit_broken(*args: object, **kw: object) -> object:
         raise RuntimeError("device lost")
 
-    monkeypatch.setattr("kmotion.gadget.estimate.fit_shots", fit_broken)
+    monkeypatch.setattr("kmotion.gadget.fit.fit_shots", fit_broken)
     before = _copy(st.items)
     out = list(MotionCorrector(st.header, CPU)(st.items))
     assert "device lost" in _reports(out)[(0, 1)].reason and not _reports(out)[(0, 1)].corrected

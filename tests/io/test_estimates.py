@@ -81,7 +81,7 @@ def test_rows_carry_every_report_field_and_round_trip_hdf5(tmp_path: Path) -> No
 def test_old_estimates_location_and_columns_are_read(tmp_path: Path) -> None:
     """A file of an earlier version: top-level /kmotion group, no phase/uncertainty/method columns."""
     old_cols = [c for c in CSV_COLUMNS if c not in ("phase", "dx_std_px", "dy_std_px", "rot_std_deg")]
-    old_cols = [c for c in old_cols if c not in ("chi2", "p_value", "method")]
+    old_cols = [c for c in old_cols if c not in ("chi2", "p_value", "method", "shot")]
     dtype = np.dtype(
         [(c, "<i4") for c in old_cols[:5]]
         + [(c, "<f8") for c in old_cols[5:13]]
@@ -94,6 +94,7 @@ def test_old_estimates_location_and_columns_are_read(tmp_path: Path) -> None:
     (row,) = read_estimates(path)
     assert row["repetition"] == 1 and row["dx_px"] == pytest.approx(0.4) and row["corrected"] is True
     assert row["phase"] == 0 and math.isnan(row["dx_std_px"]) and row["method"] == ""
+    assert row["shot"] == -1  # a whole slice group (files before per-shot estimates)
     with h5py.File(path, "w") as f:
         f.create_group("dataset")
     with pytest.raises(InputError, match="kmotion_motion_estimates"):

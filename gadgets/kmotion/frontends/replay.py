@@ -121,15 +121,25 @@ def estimate_rows(
     """One table row per report: ``MotionReport.as_dict()``, typed by
     :func:`~kmotion.io.estimates.row_from_report` (keys :data:`~kmotion.io.estimates.CSV_COLUMNS` and any
     newer report key) [+ ``TRUE_COLUMNS``]."""
-    by_key = {(t.slice, t.repetition): t for t in truth} if truth else {}
+    by_key = {(t.slice, t.repetition, getattr(t, "shot", -1)): t for t in truth} if truth else {}
+
+    def lookup(sl: int, rp: int, shot: int) -> TrueMotion | None:
+        """Truth of (slice, repetition, shot); per-repetition truth (shot -1) serves every shot."""
+        t = by_key.get((sl, rp, shot))
+        if t is None and shot != -1:
+            t = by_key.get((sl, rp, -1))
+        if t is None and shot == -1:  # per-shot truth of a repetition: its gauge shot's
+            t = next((v for k, v in by_key.items() if k[:2] == (sl, rp) and v.shot == v.centre_shot), None)
+        return t
+
     rows = []
     for rep in reports:
         d = rep.as_dict()
         d.setdefault("phase", int(getattr(rep.key, "phase", 0)))
         row = row_from_report(d)
         if truth is not None:
-            t_rep = by_key.get((row["slice"], row["repetition"]))
-            t_ref = by_key.get((row["slice"], row["reference_repetition"]))
+            t_rep = lookup(row["slice"], row["repetition"], row.get("shot", -1))
+            t_ref = lookup(row["slice"], row["reference_repetition"], -1)
             vals = (math.nan,) * 5
             if t_rep is not None and t_ref is not None:
                 vals = _relative_truth(t_rep, t_ref, spacing_mm)

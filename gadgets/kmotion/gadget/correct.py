@@ -22,10 +22,12 @@ from kmotion.gadget.calibration import CalibrationStore, coil_maps_for
 from kmotion.gadget.params import GadgetParams
 from kmotion.gadget.reference import SliceWork
 from kmotion.physics.sense import MotionSense, sense_reconstruct
+from kmotion.physics.shot_sense import ShotSense, sense_reconstruct_shots
 
 __all__ = [
     "SENSE_LAMBDA",
     "add_delta",
+    "correct_shots",
     "correct_by_ramp",
     "correct_sense",
     "correct_slices",
@@ -50,6 +52,12 @@ def correct_slices(
     else one batched SENSE solve per grid shape; a failure marks only the slices it concerns."""
     sense: dict[tuple[object, ...], list[SliceWork]] = {}
     for w in work:
+        if w.shot_reports is not None:
+            try:
+                correct_shots(w, params, device)
+            except Exception as exc:
+                mark_failed([w], exc)
+            continue
         try:
             if correct_by_ramp(w, params.output, calibration, device):
                 assert w.assembled is not None
@@ -169,3 +177,51 @@ def add_delta(buffer: SliceBuffer, delta: np.ndarray) -> list[tuple[ismrmrd.Acqu
             data[:, ln.samples] += d[:, ln.row, ln.col : ln.col + ln.n]  # k-space order (ACQ_IS_REVERSE)
         out.append((ln.acq, data))
     return out
+
+
+def _poses(w: SliceWork) -> tuple[np.ndarray, np.ndarray]:
+    """``(n_shots, 3)`` the pose applied to each shot (zero where not corrected) and the shot of each row."""
+    assert w.shot_rows is not None and w.shot_reports is not None
+    n = int(w.shot_rows.max()) + 1
+    poses = np.zeros((n, 3))
+    for r in w.shot_reports:
+        if r.corrected and 0 <= r.shot < n:
+            poses[r.shot] = (r.dx_px, r.dy_px, r.rot_deg)
+    return poses, w.shot_rows
+
+
+def correct_shots(w: SliceWork, params: GadgetParams, device: torch.device) -> None:
+    """Correct one slice with a pose per shot (module docstring); sets ``w.new_data`` (and ``w.traj``)."""
+    assert w.assembled is not None and w.reference is not None and w.report is not None
+    a = w.assembled
+    poses, shot_rows = _poses(w)
+    n_ky = a.kspace.shape[1]
+    if params.output == "trajectory":
+        out, traj = [], []
+        by_acq = {id(ln.acq): ln.row for ln in line_layout(w.buffer)[2]}
+        for sh in range(poses.shape[0]):
+            dx, dy, phi = poses[sh]
+            for acq, data, kx, ky in ramp_lines(w.buffer, n_ky, dx, dy):
+                row = by_acq.get(id(acq), -1)
+                if 0 <= row < n_ky and shot_rows[row] == sh:
+                    out.append((acq, data))
+                    traj.append(rotated_traj(kx, ky, phi, a.fov_mm))
+        w.new_data, w.traj = out, traj
+        return
+    maps = w.reference.maps
+    if not isinstance(maps, torch.Tensor):
+        raise ValueError(f"no coil maps for the per-shot correction: {maps}")
+    samples = torch.from_numpy(a.samples()).to(device)
+    sr = torch.from_numpy(shot_rows).to(device)
+    masks = torch.stack([samples & (sr == sh)[:, None] for sh in range(poses.shape[0])])[None]
+    y = torch.from_numpy(a.kspace).to(device)[None]
+    motion = torch.from_numpy(poses)[None].to(device)
+    m = maps.to(device)[None]
+    x = sense_reconstruct_shots(
+        y, m, masks, motion, a.pixel_spacing_mm, params.sense_iterations, SENSE_LAMBDA
+    )
+    y_corr = ShotSense(m, masks, motion, a.pixel_spacing_mm).forward_static(x)
+    delta = ((y_corr - y) * samples[None, None])[0].cpu().numpy()
+    if not np.isfinite(delta).all():
+        raise ValueError("non-finite values in the per-shot SENSE correction")
+    w.new_data = add_delta(w.buffer, delta)

@@ -31,30 +31,29 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.stats import chi2 as chi2_law
 
 from kmotion.estimation.network import NetworkEstimator
-from kmotion.estimation.shots import ShotProblems, coarse_search, fit_shots
 from kmotion.gadget.assemble import AssembledSlice
 from kmotion.gadget.calibration import CalibrationStore, coil_maps_for
+from kmotion.gadget.decide import Decision, decide, report_for
+from kmotion.gadget.fit import fit_slices
 from kmotion.gadget.noise import NoiseStore, apply_whitening
 from kmotion.gadget.params import GadgetParams
 from kmotion.gadget.reference import Reference, SliceWork
 from kmotion.gadget.reference_model import ReferenceModel, build_reference_model
-from kmotion.gadget.report import MotionReport, blank_report
+from kmotion.gadget.report import blank_report
+from kmotion.gadget.shots import estimate_shots
 from kmotion.physics.validate import InputError
 
 __all__ = [
     "Decision",
-    "ShotEstimate",
-    "fit_slices",
     "crop_rows",
     "decide",
     "estimate_motion",
+    "fit_slices",
     "prepare_crops",
     "reference_model",
     "report_for",
@@ -64,25 +63,6 @@ log = logging.getLogger("kmotion.gadget")
 
 _REFINE_ROWS = 128
 """Acquired rows about the centre given to the network's estimator when the data hold them."""
-
-REFERENCE_LAMBDA = 1e-3
-"""Tikhonov weight of the reference image (maps of unit RSS; a small relative regularisation)."""
-
-REFERENCE_ITERATIONS = 30
-"""CG iterations of the reference image."""
-
-ANGLE_STEP_DEG = 1.5
-"""Step of the global search's rotation grid."""
-
-N_PHASE = 3
-"""Nuisance phase terms of the fit (constant + linear, :func:`kmotion.estimation.shots.fit_shots`): a phase
-drift between repetitions and the coil maps' phase convention transported with the object; without them a
-12 deg, 8 mm motion of a 128^2 head phantom is off by 1.2 deg, with them by 0.09 deg (noise-free, maps from 24
-calibration lines)."""
-
-N_VIRTUAL = 8
-"""Virtual coils of the fit (array compression of the whitened data, exact in form; fewer: faster)."""
-
 
 def crop_rows(
     ref: AssembledSlice, mov: AssembledSlice, net_crop: tuple[int, int], r_net: int
@@ -152,106 +132,6 @@ def reference_model(
     return ref.model
 
 
-def inscribed_disc(shape: tuple[int, ...]) -> np.ndarray:
-    """``(n_ky, n_kx)`` bool: the samples within the ellipse inscribed in the k-space grid.
-
-    Rotated by any angle, a sample inside it comes from inside the grid (in cycles/mm the ellipse of a grid
-    with square pixels is the inscribed circle); the corners outside it hold, after a rotation, frequencies
-    the reference was never sampled at (the model cannot predict them), so the fit leaves them out.
-    """
-    n_ky, n_kx = int(shape[-2]), int(shape[-1])
-    ky = (np.arange(n_ky) - n_ky // 2) / (n_ky / 2)
-    kx = (np.arange(n_kx) - n_kx // 2) / (n_kx / 2)
-    return ky[:, None] ** 2 + kx[None, :] ** 2 <= 1.0
-
-
-@dataclass
-class Decision:
-    """Whether a slice is corrected, the flag, the reason and the p-value of its test."""
-
-    corrected: bool
-    flagged: bool
-    reason: str
-    p_value: float
-
-
-def decide(
-    motion: tuple[float, float, float],
-    chi2: float,
-    dof: int,
-    params: GadgetParams,
-    pixel_spacing_mm: tuple[float, float],
-    ambiguous: bool = False,
-) -> Decision:
-    """The do-no-harm rule of ``docs/gadget.md`` for one estimate ``(dx_px, dy_px, phi_deg)``."""
-    dx, dy, phi = motion
-    p = float(chi2_law.sf(chi2, dof)) if not math.isnan(chi2) else math.nan
-    if not all(math.isfinite(v) for v in motion) or math.isnan(chi2):
-        return Decision(False, True, "estimate not finite", p)
-    threshold = float(chi2_law.isf(params.false_alarm_rate, dof))
-    dx_mm, dy_mm = abs(dx) * pixel_spacing_mm[1], abs(dy) * pixel_spacing_mm[0]
-    if max(dx_mm, dy_mm) > params.max_translation_mm or abs(phi) > params.max_rotation_deg:
-        return Decision(
-            False,
-            True,
-            f"beyond the capture range (+-{params.max_translation_mm:g} mm, "
-            f"+-{params.max_rotation_deg:g} deg): not corrected",
-            p,
-        )
-    if chi2 <= threshold:
-        return Decision(
-            False, False, f"no significant motion (chi2 {chi2:.1f} <= {threshold:.1f}, p {p:.2g})", p
-        )
-    if ambiguous:
-        return Decision(False, True, "ambiguous: another pose explains the data as well; not corrected", p)
-    mc = params.min_correction
-    if abs(dx) < mc and abs(dy) < mc and abs(phi) < mc:
-        return Decision(False, False, "below min_correction", p)
-    return Decision(True, False, "", p)
-
-
-def report_for(
-    w: SliceWork,
-    motion: tuple[float, float, float],
-    std: tuple[float, float, float],
-    chi2: float,
-    dof: int,
-    params: GadgetParams,
-    method: str,
-    ambiguous: bool = False,
-) -> MotionReport:
-    """The :class:`MotionReport` of an estimate ``(dx_px, dy_px, phi_deg)`` of ``w`` with its standard errors,
-    test statistic (``dof`` degrees of freedom) and the decision of :func:`decide`."""
-    assert w.assembled is not None and w.reference is not None
-    a = w.assembled
-    dx, dy, phi = motion
-    dx_mm, dy_mm = dx * a.pixel_spacing_mm[1], dy * a.pixel_spacing_mm[0]
-    patient = tuple(dx_mm * r + dy_mm * q for r, q in zip(a.read_dir, a.phase_dir, strict=True))
-    d = decide(motion, chi2, dof, params, a.pixel_spacing_mm, ambiguous)
-    reason = d.reason
-    if a.notes:
-        reason = f"{reason}; {a.notes}" if reason else a.notes
-    return MotionReport(
-        w.buffer.key,
-        w.reference.slice.key.repetition,
-        dx,
-        dy,
-        phi,
-        dx_mm,
-        dy_mm,
-        patient,  # type: ignore[arg-type]
-        d.flagged,
-        d.corrected,
-        reason,
-        std[0],
-        std[1],
-        std[2],
-        chi2,
-        d.p_value,
-        method,
-    )
-
-
 def _dwell(w: SliceWork) -> float:
     return float(w.buffer.acquisitions[0].sample_time_us)
 
@@ -287,124 +167,17 @@ def estimate_motion(
         groups.setdefault((a.kspace.shape, a.pixel_spacing_mm), []).append(w)
     for ws in groups.values():
         try:
-            _fit_group(ws, params, device)
+            shots = [w for w in ws if w.shot_rows is not None]
+            if shots:
+                estimate_shots(shots, params, device)
+            whole = [w for w in ws if w.shot_rows is None]
+            if whole:
+                _fit_group(whole, params, device)
         except (InputError, RuntimeError, ValueError) as exc:
             for w in ws:
                 assert w.reference is not None
                 ref_rep = w.reference.slice.key.repetition
                 w.report = blank_report(w.buffer.key, ref_rep, f"not estimated: {exc}")
-
-
-@dataclass
-class ShotEstimate:
-    """The fit of one shot (or of a whole slice, ``shot`` -1): pose, standard errors, statistic, flags."""
-
-    shot: int
-    motion: tuple[float, float, float]
-    std: tuple[float, float, float]
-    chi2: float
-    ambiguous: bool
-    method: str
-
-
-def fit_slices(
-    ws: list[SliceWork],
-    params: GadgetParams,
-    device: torch.device,
-    shot_rows: list[np.ndarray] | None = None,
-) -> list[list[ShotEstimate]]:
-    """The data-consistency fit of slices on one grid (module docstring, steps 1-3), per slice or per shot.
-
-    ``shot_rows`` (optional, per slice): ``(n_ky,)`` the shot of each row (-1: none); every shot gets its own
-    pose (``docs/intra_scan.md``), else the slice has one.  Returns, per slice, one :class:`ShotEstimate` per
-    shot with data (``shot`` -1 for a whole slice).
-    """
-    a0 = ws[0].assembled
-    assert a0 is not None
-    spacing = a0.pixel_spacing_mm
-    n_c, n_ky, n_kx = a0.kspace.shape
-    models: list[ReferenceModel] = []
-    ys, masks, weights, rhos = [], [], [], []
-    n_shots = 1 if shot_rows is None else max(1, max(int(r.max()) + 1 for r in shot_rows))
-    for i, w in enumerate(ws):
-        assert w.assembled is not None and w.reference is not None
-        model = w.reference.model
-        assert isinstance(model, ReferenceModel)
-        models.append(model)
-        ys.append(apply_whitening(model.white, torch.from_numpy(w.assembled.kspace).to(device), 0))
-        fitted = w.assembled.samples() & inscribed_disc((n_ky, n_kx))
-        m = np.zeros((n_shots, n_ky, n_kx), dtype=bool)
-        if shot_rows is None:
-            m[0] = fitted
-        else:
-            for sh in range(n_shots):
-                m[sh] = fitted & (shot_rows[i] == sh)[:, None]
-        masks.append(torch.from_numpy(m).to(device))
-        weights.append(model.weights.to(device))
-        n_ref = int(w.reference.slice.samples().sum()) * n_c
-        rhos.append(min(1.0, n_ky * n_kx / max(n_ref, 1)))
-    kspace = torch.stack(ys)
-    problems = ShotProblems.from_masks(kspace, torch.stack(masks), torch.stack(weights))
-    problems, vmaps = problems.compressed(kspace, torch.stack([m.maps for m in models]), N_VIRTUAL)
-    reference = torch.stack([m.image for m in models])
-    noise_reference = torch.stack([m.noise_image for m in models])
-    sigma2 = torch.tensor([m.sigma2 for m in models], dtype=torch.float64, device=device)
-    lim_t = (params.max_translation_mm / spacing[1], params.max_translation_mm / spacing[0])
-    angles = torch.arange(
-        -params.max_rotation_deg, params.max_rotation_deg + 1e-9, ANGLE_STEP_DEG, dtype=torch.float64
-    )
-    per_shot = shot_rows is not None
-    cands = coarse_search(
-        reference,
-        vmaps,
-        problems,
-        angles,
-        spacing,
-        n_candidates=1 if per_shot else 2,
-        n_translations=4 if per_shot else 1,
-        max_translation_px=lim_t,
-    )
-    p = problems.rows.shape[0]
-    extra = torch.zeros(p, 2, 3, dtype=torch.float64, device=device)  # zero motion, network seed
-    for q in range(p):
-        seed = ws[int(problems.slice_index[q])].seed
-        if seed is not None:
-            extra[q, 1] = seed.to(device)
-    cands = torch.cat([extra, cands.to(device)], 1)
-    fit = fit_shots(
-        reference,
-        vmaps,
-        problems,
-        cands,
-        spacing,
-        None,
-        keep=3 if per_shot else 2,
-        use_neighbours=per_shot,
-        n_phase=N_PHASE,
-        noise_reference=noise_reference,
-    )
-    rho = torch.tensor(rhos, dtype=torch.float64, device=device)[problems.slice_index]
-    from_residual = fit.residual_variance() * 2 / (1 + rho)
-    noise_var = torch.maximum(2 * sigma2[problems.slice_index], from_residual)
-    fit = fit.with_noise_var(noise_var)
-    out: list[list[ShotEstimate]] = [[] for _ in ws]
-    for q in range(p):
-        i = int(problems.slice_index[q])
-        w = ws[i]
-        how = "network seed + global search" if w.seed is not None else f"global search ({w.network_note})"
-        method = f"data-consistency fit ({how}); noise: {models[i].source}"
-        method += f"; residual / noise variance {float(fit.residual_variance()[q] / models[i].sigma2):.2f}"
-        out[i].append(
-            ShotEstimate(
-                int(problems.shot_index[q]) if per_shot else -1,
-                tuple(float(v) for v in fit.motion[q]),  # type: ignore[arg-type]
-                tuple(float(v) for v in fit.std[q]),  # type: ignore[arg-type]
-                float(fit.statistic[q]),
-                bool(fit.ambiguous[q]),
-                method,
-            )
-        )
-    return out
 
 
 def _fit_group(ws: list[SliceWork], params: GadgetParams, device: torch.device) -> None:

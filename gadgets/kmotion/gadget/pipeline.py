@@ -39,6 +39,7 @@ from kmotion.gadget.noise import NoiseStore
 from kmotion.gadget.params import DEFAULT_MODEL, GadgetParams, resolve_device
 from kmotion.gadget.reference import References, SliceWork, choose_reference
 from kmotion.gadget.report import StreamSummary, blank_report
+from kmotion.gadget.shots import shot_identity, use_shot_model
 from kmotion.io.ismrmrd_header import LenientHeader, read_header
 from kmotion.physics.validate import InputError
 
@@ -142,6 +143,8 @@ class MotionCorrector:
             self.calibration = CalibrationStore(self.geometry)
         self.noise = NoiseStore()
         self.references: References = {}
+        self.single_repetition = _single_repetition(self.header)
+        self._rules_logged: set[str] = set()
 
     def __call__(self, items: Iterable[object]) -> Iterator[object]:
         """Run the pipeline over ``items`` (see the module docstring for the output contract).
@@ -201,6 +204,9 @@ class MotionCorrector:
             normal = w.report.corrected or w.report.reason.startswith(_NORMAL)
             log.log(logging.INFO if normal else logging.WARNING, "%s", w.report.log_line())
             yield w.report
+            for r in w.shot_reports or ():
+                log.info("%s", r.log_line())
+                yield r
             yield from w.buffer.acquisitions
         log.debug("%d slice(s) in %.3f s", len(work), dt)
 
@@ -209,6 +215,12 @@ class MotionCorrector:
             choose_reference(w, self.references, self.params.reference_repetition)
             if w.report is None:
                 prepare_crops(w, self.net_crop, self.net_acceleration)
+                rows, rule = shot_identity(w.buffer)
+                if use_shot_model(self.params, self.single_repetition, int(rows.max()) + 1):
+                    w.shot_rows, w.shot_rule = rows, rule
+                    if rule not in self._rules_logged:
+                        self._rules_logged.add(rule)
+                        log.info("shot motion model: echo trains identified by %s", rule)
         self.estimate_slices(work)
         corrected = [w for w in work if w.report is not None and w.report.corrected]
         correct_slices(corrected, self.params, self.calibration, self.device)
@@ -224,6 +236,15 @@ class MotionCorrector:
             self.noise,
             self.device,
         )
+
+
+def _single_repetition(header: ismrmrd.xsd.ismrmrdHeader | None) -> bool:
+    """True when the header's encoding limits promise one repetition (False when unknown)."""
+    try:
+        lim = header.encoding[0].encodingLimits.repetition  # type: ignore[union-attr]
+        return lim is not None and int(lim.maximum) == 0
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return False
 
 
 def motion_correct(

@@ -46,6 +46,9 @@ class SliceWork:
     crops: tuple[torch.Tensor, torch.Tensor] | None = None
     seed: torch.Tensor | None = None  # the network's (dx_px, dy_px, phi_deg), a starting point of the fit
     network_note: str = ""  # why the network gave no seed
+    shot_rows: np.ndarray | None = None  # (n_ky,) shot of each row: the shot motion model (gadget/shots.py)
+    shot_rule: str = ""  # how the shots were identified
+    shot_reports: list[MotionReport] | None = None  # one per shot, after ``report`` (the summary)
     new_data: list[tuple[ismrmrd.Acquisition, np.ndarray]] | None = None
     traj: list[np.ndarray] | None = None
 

@@ -51,6 +51,8 @@ class MotionReport:
     chi2: float = math.nan
     p_value: float = math.nan
     method: str = ""
+    shot: int = -1
+    """Echo train (shot) of a per-shot estimate; -1 for a whole slice group."""
 
     def as_dict(self) -> dict[str, object]:
         """JSON-able dict (NaN becomes None)."""
@@ -82,6 +84,7 @@ class MotionReport:
             "corrected": bool(self.corrected),
             "reason": self.reason,
             "method": self.method,
+            "shot": int(self.shot),
         }
 
     def log_line(self) -> str:
@@ -91,6 +94,7 @@ class MotionReport:
         p = self.patient_mm
         line = (
             f"slice {k.slice} contrast {k.contrast} phase {k.phase} rep {k.repetition} set {k.set} "
+            f"{f'shot {self.shot} ' if self.shot >= 0 else ''}"
             f"(ref rep {self.reference_repetition}): dx {self.dx_px:+.2f} px ({self.dx_mm:+.2f} mm) "
             f"dy {self.dy_px:+.2f} px ({self.dy_mm:+.2f} mm) rot {self.rot_deg:+.2f} deg"
             f"{self._uncertainty()}; "

@@ -66,6 +66,7 @@ CSV_COLUMNS = [
     "phase",
     "repetition",
     "set",
+    "shot",
     "reference_repetition",
     "dx_px",
     "dy_px",
@@ -87,7 +88,7 @@ CSV_COLUMNS = [
 ]
 TRUE_COLUMNS = ["true_dx_px", "true_dy_px", "true_rot_deg", "true_dx_mm", "true_dy_mm"]
 
-_INTS = ("slice", "contrast", "phase", "repetition", "set", "reference_repetition")
+_INTS = ("slice", "contrast", "phase", "repetition", "set", "shot", "reference_repetition")
 COLUMN_KINDS: dict[str, str] = {
     **dict.fromkeys(_INTS, "int"),
     **{c: "float" for c in CSV_COLUMNS if c not in _INTS + ("flagged", "corrected", "method", "reason")},
@@ -121,10 +122,14 @@ def _kind(name: str, value: Any) -> str:
     return "float"  # floats and None (a number that was not estimated)
 
 
-def _typed(kind: str, value: Any) -> Any:
-    """``value`` as a Python value of ``kind`` (None and empty text: the kind's default)."""
+_COLUMN_DEFAULTS = {"shot": -1}
+"""Defaults other than the kind's: ``shot`` -1 (a whole slice group; files before per-shot estimates)."""
+
+
+def _typed(kind: str, value: Any, name: str = "") -> Any:
+    """``value`` as a Python value of ``kind`` (None and empty text: the column's or the kind's default)."""
     if value is None or (isinstance(value, str) and value == "" and kind != "str"):
-        return _DEFAULTS[kind]
+        return _COLUMN_DEFAULTS.get(name, _DEFAULTS[kind])
     if kind == "int":
         return int(value)
     if kind == "float":
@@ -140,7 +145,7 @@ def row_from_report(report: Mapping[str, Any]) -> dict[str, Any]:
     Keys the report lacks (e.g. ``phase`` from a report written before it existed) get their default
     (:data:`COLUMN_KINDS`: 0, NaN, False, "").
     """
-    row = {c: _typed(COLUMN_KINDS[c], report.get(c)) for c in CSV_COLUMNS}
+    row = {c: _typed(COLUMN_KINDS[c], report.get(c), c) for c in CSV_COLUMNS}
     if report.get("reference_repetition") is None:
         row["reference_repetition"] = -1
     for k, v in report.items():
@@ -190,7 +195,7 @@ def read_motion_csv(path: str | Path) -> list[dict[str, Any]]:
         table = list(csv.DictReader(f))
     rows = []
     for t in table:
-        row = {c: _typed(COLUMN_KINDS[c], t.get(c)) for c in CSV_COLUMNS}
+        row = {c: _typed(COLUMN_KINDS[c], t.get(c), c) for c in CSV_COLUMNS}
         for k, v in t.items():
             if k not in row:
                 row[k] = _typed(COLUMN_KINDS.get(k, "str"), v)
@@ -264,7 +269,7 @@ def read_estimates(path: str | Path, dataset: str = "dataset") -> list[dict[str,
     names = arr.dtype.names or ()
     for a in arr:
         rec = {n: a[n].item() if isinstance(a[n], np.generic) else a[n] for n in names}
-        row = {c: _typed(COLUMN_KINDS[c], rec.get(c)) for c in CSV_COLUMNS}
+        row = {c: _typed(COLUMN_KINDS[c], rec.get(c), c) for c in CSV_COLUMNS}
         for n in names:
             if n not in row:
                 row[n] = _typed(_kind(n, rec[n]), rec[n])
