@@ -16,18 +16,27 @@ Reported per setting:
 * **capture range** (uniform over +-20 mm, +-15 deg): MAE of dx, dy [mm], phi [deg] and the rate of gross
   errors (> 1 mm or > 1 deg) among corrected slices, and the rate of slices flagged (not corrected).
 
+Then a summary per SNR over the well-posed settings against the targets of ``docs/gadget.md`` ("Do no
+harm"), with the MAE split into motion inside the earlier estimator's range (+-8.8 mm, +-12 deg) and beyond
+it, and the reasons of the slices not corrected.  ``--csv`` writes one row per slice (truth, estimate,
+standard errors, test, decision).
+
     .venv/bin/python benchmarks/bench_do_no_harm.py [--quick] [--matrix 128] [--repeats 6] [--out F.md]
+        [--csv F.csv] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import math
 import platform
 import shutil
 import subprocess
 import tempfile
 import time
+from collections import Counter
+from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
 import h5py
@@ -117,13 +126,197 @@ def draw(kind: str, n_rep: int, rng: np.random.Generator, spacing: float) -> np.
     return out
 
 
+OLD_RANGE_MM = 1.5 * 12.0 * 220.0 / 448.0
+"""Translation range of the earlier estimator's search (1.5 x the network's trained +-5.9 mm: +-8.8 mm)."""
+OLD_RANGE_DEG = 12.0
+"""Rotation range the earlier estimator was trained and tested on."""
+GROSS_MM, GROSS_DEG = 1.0, 1.0
+"""An error above either is gross."""
+
+
+@dataclass
+class Row:
+    """One moved repetition of one setting: truth and estimate (mm, deg), the test and the decision."""
+
+    object: str
+    coils: int
+    R: int
+    snr: float
+    part: str
+    repetition: int
+    true_dx_mm: float
+    true_dy_mm: float
+    true_phi_deg: float
+    dx_mm: float
+    dy_mm: float
+    phi_deg: float
+    dx_std_mm: float
+    dy_std_mm: float
+    rot_std_deg: float
+    chi2: float
+    p_value: float
+    corrected: bool
+    flagged: bool
+    reason: str
+    pixel_mm: float
+
+    def error(self) -> np.ndarray:
+        """``(3,)`` absolute error dx, dy [mm], phi [deg]."""
+        return np.abs(
+            np.array(
+                [
+                    self.dx_mm - self.true_dx_mm,
+                    self.dy_mm - self.true_dy_mm,
+                    self.phi_deg - self.true_phi_deg,
+                ]
+            )
+        )
+
+    def applied(self) -> float:
+        """The largest component of the estimate, in px (translations) or deg."""
+        return max(abs(self.dx_mm) / self.pixel_mm, abs(self.dy_mm) / self.pixel_mm, abs(self.phi_deg))
+
+    def gross(self) -> bool:
+        """An error above ``GROSS_MM`` or ``GROSS_DEG``."""
+        e = self.error()
+        return bool(e[0] > GROSS_MM or e[1] > GROSS_MM or e[2] > GROSS_DEG)
+
+    def inside_old_range(self) -> bool:
+        """The true motion lies within the earlier estimator's range."""
+        t = max(abs(self.true_dx_mm), abs(self.true_dy_mm))
+        return t <= OLD_RANGE_MM and abs(self.true_phi_deg) <= OLD_RANGE_DEG
+
+
+def records(
+    kind: str,
+    coils: int,
+    accel: int,
+    snr: float,
+    part: str,
+    motion: np.ndarray,
+    reps: list[MotionReport],
+    spacing: float,
+) -> list[Row]:
+    """One :class:`Row` per moved repetition (``motion`` in px/deg per repetition)."""
+    rows = []
+    for r in reps:
+        m = motion[r.key.repetition]
+        rows.append(
+            Row(
+                kind,
+                coils,
+                accel,
+                snr,
+                part,
+                int(r.key.repetition),
+                float(m[0] * spacing),
+                float(m[1] * spacing),
+                float(m[2]),
+                r.dx_px * spacing,
+                r.dy_px * spacing,
+                r.rot_deg,
+                r.dx_std_px * spacing,
+                r.dy_std_px * spacing,
+                r.rot_std_deg,
+                r.chi2,
+                r.p_value,
+                bool(r.corrected),
+                bool(r.flagged),
+                r.reason,
+                spacing,
+            )
+        )
+    return rows
+
+
+def _reason(r: Row) -> str:
+    """The reason's kind (its text before any numbers)."""
+    return r.reason.split(" (")[0].split(":")[0] or "corrected"
+
+
+def table_row(kind: str, coils: int, accel: int, snr: float, rows: list[Row]) -> str:
+    """The markdown row of one setting."""
+    free = [r for r in rows if r.part == "free"]
+    changed = [r for r in free if r.corrected]
+    big = max((r.applied() for r in changed), default=0.0)
+    small = [r for r in rows if r.part == "small"]
+    det = sum(r.corrected for r in small)
+    rng_rows = [r for r in rows if r.part == "range"]
+    cor = [r for r in rng_rows if r.corrected]
+    mae = np.mean([r.error() for r in cor], 0) if cor else np.full(3, math.nan)
+    gross = sum(r.gross() for r in cor)
+    ill = " (ill-posed)" if coils < accel else ""
+    return (
+        f"| {kind} | {coils} | {accel}{ill} | {snr:g} | {len(changed)}/{len(free)} | {big:.2f} | "
+        f"{det}/{len(small)} | {mae[0]:.3f}, {mae[1]:.3f}, {mae[2]:.3f} | "
+        f"{gross}/{len(cor)} / {len(rng_rows) - len(cor)} |"
+    )
+
+
+def _mae(rows: list[Row]) -> str:
+    if not rows:
+        return "–"
+    m = np.mean([r.error() for r in rows], 0)
+    return f"{m[0]:.3f}, {m[1]:.3f}, {m[2]:.3f} ({len(rows)})"
+
+
+def _counts(rows: list[Row]) -> str:
+    c = Counter(_reason(r) for r in rows)
+    return ", ".join(f"{n} x {k}" for k, n in c.most_common()) or "none"
+
+
+def summary(rows: list[Row]) -> list[str]:
+    """Markdown summary against the targets of issue 9 (well-posed settings: coils >= R)."""
+    ok = [r for r in rows if r.coils >= r.R]
+    out = [
+        "",
+        TARGETS,
+        "",
+        "| SNR | motion-free changed | largest applied correction [px, deg] | small motion detected "
+        "| capture range: corrected / not | MAE inside +-8.8 mm, +-12 deg: dx, dy [mm], phi [deg] (n) "
+        "| MAE outside (n) | gross errors among corrected |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for snr in sorted({r.snr for r in ok}):
+        sel = [r for r in ok if r.snr == snr]
+        free = [r for r in sel if r.part == "free"]
+        ch = [r for r in free if r.corrected]
+        big = max((r.applied() for r in ch), default=0.0)
+        small = [r for r in sel if r.part == "small"]
+        det = sum(r.corrected for r in small)
+        rng_rows = [r for r in sel if r.part == "range"]
+        cor = [r for r in rng_rows if r.corrected]
+        out.append(
+            f"| {snr:g} | {len(ch)}/{len(free)} ({100 * len(ch) / max(len(free), 1):.1f} %) | {big:.2f} "
+            f"| {det}/{len(small)} ({100 * det / max(len(small), 1):.1f} %) "
+            f"| {len(cor)} / {len(rng_rows) - len(cor)} | {_mae([r for r in cor if r.inside_old_range()])} "
+            f"| {_mae([r for r in cor if not r.inside_old_range()])} "
+            f"| {sum(r.gross() for r in cor)}/{len(cor)} |"
+        )
+    out += [
+        "",
+        "Not corrected over the capture range, by reason: "
+        + _counts([r for r in ok if r.part == "range" and not r.corrected])
+        + ". Small motion not corrected, by reason: "
+        + _counts([r for r in ok if r.part == "small" and not r.corrected])
+        + ". Motion-free slices corrected: "
+        + _counts([r for r in ok if r.part == "free" and r.corrected])
+        + ".",
+    ]
+    return out
+
+
+TARGETS = "## Against the targets (well-posed settings: coils >= R)"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--matrix", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=6, help="moved repetitions per setting and part")
     ap.add_argument("--quick", action="store_true", help="a few settings only")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=None, help="also write the table (markdown) here")
+    ap.add_argument("--out", type=Path, default=None, help="also write the tables (markdown) here")
+    ap.add_argument("--csv", type=Path, default=None, help="also write one row per slice here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     n = args.matrix
@@ -137,11 +330,12 @@ def main() -> None:
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s)",
         "",
         "| object | coils | R | SNR | motion-free changed | largest applied (px, deg) "
-        "| detected (>= 0.5 mm/deg) | MAE dx, dy [mm], phi [deg] over +-20 mm/+-15 deg | gross / flagged |",
+        "| detected (>= 0.5 mm/deg) | MAE dx, dy [mm], phi [deg] over +-20 mm/+-15 deg "
+        "| gross / corrected / not corrected |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
-    totals = {"free": [0, 0], "det": [0, 0], "gross": [0, 0]}
+    rows: list[Row] = []
     t0 = time.perf_counter()
     seed = 0
     for kind in kinds:
@@ -151,52 +345,28 @@ def main() -> None:
                     seed += 10
                     rng = np.random.default_rng(seed)
                     parts = {p: draw(p, args.repeats, rng, spacing) for p in ("free", "small", "range")}
-                    res = {p: run_setting(kind, n, coils, accel, snr, m, seed) for p, m in parts.items()}
-                    free = res["free"]
-                    changed = [r for r in free if r.corrected]
-                    big = max((max(abs(r.dx_px), abs(r.dy_px), abs(r.rot_deg)) for r in changed), default=0.0)
-                    det = sum(r.corrected for r in res["small"])
-                    errs, gross, flagged = [], 0, 0
-                    for r, m in zip(res["range"], parts["range"][1:], strict=True):
-                        if not r.corrected:
-                            flagged += 1
-                            continue
-                        e = np.array(
-                            [(r.dx_px - m[0]) * spacing, (r.dy_px - m[1]) * spacing, r.rot_deg - m[2]]
-                        )
-                        errs.append(np.abs(e))
-                        gross += int(np.abs(e).max() > 1.0)
-                    mae = np.mean(errs, 0) if errs else np.full(3, math.nan)
-                    ill = " (ill-posed)" if coils < accel else ""
-                    row = (
-                        f"| {kind} | {coils} | {accel}{ill} | {snr:g} | {len(changed)}/{len(free)} "
-                        f"| {big:.2f} | "
-                        f"{det}/{len(res['small'])} | {mae[0]:.3f}, {mae[1]:.3f}, {mae[2]:.3f} | "
-                        f"{gross}/{len(errs)} / {flagged} |"
-                    )
+                    setting = []
+                    for part, m in parts.items():
+                        reps = run_setting(kind, n, coils, accel, snr, m, seed)
+                        setting += records(kind, coils, accel, snr, part, m, reps, spacing)
+                    rows += setting
+                    row = table_row(kind, coils, accel, snr, setting)
                     print(row, flush=True)
                     lines.append(row)
-                    if coils >= accel:
-                        totals["free"][0] += len(changed)
-                        totals["free"][1] += len(free)
-                        if snr >= 20:
-                            totals["det"][0] += det
-                            totals["det"][1] += len(res["small"])
-                        totals["gross"][0] += gross
-                        totals["gross"][1] += len(errs)
-    summary = [
-        "",
-        "Well-posed settings (coils >= R): motion-free slices changed "
-        f"{totals['free'][0]}/{totals['free'][1]}; "
-        f"small motion detected at SNR >= 20: {totals['det'][0]}/{totals['det'][1]}; gross errors among "
-        f"corrected over the capture range: {totals['gross'][0]}/{totals['gross'][1]}. "
-        f"{time.perf_counter() - t0:.0f} s.",
-    ]
-    print("\n".join(summary))
-    lines += summary
+    lines += summary(rows)
+    lines.append("")
+    lines.append(f"{len(rows)} slices in {time.perf_counter() - t0:.0f} s.")
+    print("\n".join(lines[lines.index(TARGETS) :]))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text("\n".join(lines) + "\n")
+    if args.csv is not None:
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        with args.csv.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow([fld.name for fld in fields(Row)])
+            for r in rows:
+                w.writerow([f"{v:.5g}" if isinstance(v, float) else v for v in astuple(r)])
 
 
 if __name__ == "__main__":
