@@ -176,6 +176,17 @@ def _copy(items: list[object]) -> list[object]:
     return [copy.deepcopy(i) if isinstance(i, ismrmrd.Acquisition) else i for i in items]
 
 
+def _pairs(
+    items: list[object], copies: list[object]
+) -> list[tuple[ismrmrd.Acquisition, ismrmrd.Acquisition]]:
+    """The acquisitions of ``items`` with their copies (:func:`_copy`)."""
+    return [
+        (a, b)
+        for a, b in zip(items, copies, strict=True)
+        if isinstance(a, ismrmrd.Acquisition) and isinstance(b, ismrmrd.Acquisition)
+    ]
+
+
 def _images(items: list[object], header: object) -> dict[tuple[int, int, int], np.ndarray]:
     return {
         (o.slice, o.phase, o.repetition): o.data[0, 0]
@@ -204,9 +215,7 @@ def run(header: ismrmrd.xsd.ismrmrdHeader, items: list[object], params: GadgetPa
     acqs_out = [o for o in out if isinstance(o, ismrmrd.Acquisition)]
     acqs_in = [o for o in items if isinstance(o, ismrmrd.Acquisition)]
     assert sorted(id(a) for a in acqs_out) == sorted(id(a) for a in acqs_in)
-    heads = {
-        id(a): b.getHead() for a, b in zip(items, before, strict=True) if isinstance(a, ismrmrd.Acquisition)
-    }
+    heads = {id(a): b.getHead() for a, b in _pairs(items, before)}
     assert all(a.getHead() == heads[id(a)] for a in acqs_out)
     reports = [o for o in out if isinstance(o, MotionReport) and o.key.repetition > 0]
     img_b, img_a = _images(before, header), _images(out, header)
@@ -377,7 +386,7 @@ def test_3d_encoding_is_passed_through_with_its_reason() -> None:
     assert [tuple(r.key) for r in reports] == [(0, 0, 0, 0, 0), (0, 0, 0, 1, 0)]
     for r in reports:
         assert not r.corrected and r.reason.startswith("not correctable: 3D encoding: 4 of 4 partitions")
-    old = {id(a): b for a, b in zip(items, before, strict=True) if isinstance(a, ismrmrd.Acquisition)}
+    old = {id(a): b for a, b in _pairs(items, before)}
     after = [o for o in out if isinstance(o, ismrmrd.Acquisition)]
     assert sorted(id(a) for a in after) == sorted(old)
     assert all(np.array_equal(a.data, old[id(a)].data) for a in after)
