@@ -6,6 +6,10 @@ max pooling) while the feature map stays at least ``min_size`` wide; a last conv
 channel; flatten; ``n_fully`` fully connected layers whose widths decrease linearly to the 6 outputs
 ``(dx, dy, dz, phi_x, phi_y, phi_z)``.  Leaky ReLU followed by batch norm after every layer but the last,
 tanh on the output.
+
+The per-shot network (``docs/intra_scan.md``) is the same family with ``mask_channel=True`` (one more input
+channel after the 4 per coil: the 0/1 mask of the rows the shot acquired, the moved input being the shot's
+rows zero-filled on the reference's grid) and ``n_outputs=3`` ``(dx, dy, phi)``.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ class NetConfig:
     """Architecture of :class:`KMotionNet` (stored next to the weights)."""
 
     in_channels: int = 4
-    """4 per coil: Re/Im of reference and moved crop."""
+    """4 per coil: Re/Im of reference and moved crop (+ 1 with ``mask_channel``)."""
     crop: tuple[int, int] = (64, 64)
     """Input size ``(s_y_crop, s_x_crop)``."""
     n_conv: int = 4
@@ -43,6 +47,9 @@ class NetConfig:
     """Input representation computed inside the network from the 4 channels per coil: the abstract's
     Re/Im only, plus log-magnitudes of reference and moved (translation-invariant, carries the rotation),
     plus the normalised cross-power ``mov conj(ref) / |mov conj(ref)|`` (carries the translation ramp)."""
+    mask_channel: bool = False
+    """The last input channel is the 0/1 sample mask of the moved input (the per-shot network); it is passed
+    through to the convolutions unchanged."""
 
     def __post_init__(self) -> None:
         self.crop = (int(self.crop[0]), int(self.crop[1]))
@@ -63,8 +70,9 @@ class NetConfig:
             raise ValueError(
                 f"NetConfig.features must be reim, reim+mag or reim+mag+cross, got {self.features!r}"
             )
-        if self.in_channels % 4:
-            raise ValueError(f"NetConfig.in_channels must be 4 per coil, got {self.in_channels}")
+        if (self.in_channels - int(self.mask_channel)) % 4 or self.in_channels <= int(self.mask_channel):
+            extra = " + 1 mask channel" if self.mask_channel else ""
+            raise ValueError(f"NetConfig.in_channels must be 4 per coil{extra}, got {self.in_channels}")
         if self.init not in ("uniform", "xavier"):
             raise ValueError(f"NetConfig.init must be 'uniform' or 'xavier', got {self.init!r}")
 
@@ -89,7 +97,8 @@ class KMotionNet(nn.Module):
         layers: list[nn.Module] = []
         size = list(cfg.crop)
         per_coil = {"reim": 4, "reim+mag": 6, "reim+mag+cross": 8}[cfg.features]
-        c_in = cfg.in_channels // 4 * per_coil
+        n_mask = int(cfg.mask_channel)
+        c_in = (cfg.in_channels - n_mask) // 4 * per_coil + n_mask
         for i in range(cfg.n_conv):
             c_out = round(cfg.in_channels + (cfg.max_channels - cfg.in_channels) * (i + 1) / cfg.n_conv)
             f = cfg.downsample_factor
@@ -151,9 +160,15 @@ class KMotionNet(nn.Module):
         return self.head(self.features(self.represent(x)).flatten(1))
 
     def represent(self, x: torch.Tensor) -> torch.Tensor:
-        """Input features from the ``(Re ref, Im ref, Re mov, Im mov)`` channels of each coil."""
+        """Input features from the ``(Re ref, Im ref, Re mov, Im mov)`` channels of each coil (the mask
+        channel, if any, is appended unchanged)."""
         if self.config.features == "reim":
             return x
+        if self.config.mask_channel:
+            return torch.cat([self._features(x[:, :-1]), x[:, -1:]], dim=1)
+        return self._features(x)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         q = x.reshape(b, c // 4, 4, h, w)
         ref = torch.complex(q[:, :, 0].float(), q[:, :, 1].float())
