@@ -16,6 +16,7 @@ import ismrmrd
 import numpy as np
 import torch
 
+from kmotion.estimation.shots import compress_coils
 from kmotion.gadget.assemble import line_layout, upsample_readout
 from kmotion.gadget.buffer import SliceBuffer
 from kmotion.gadget.calibration import CalibrationStore, coil_maps_for
@@ -38,6 +39,10 @@ __all__ = [
 ]
 
 log = logging.getLogger("kmotion.gadget")
+
+SHOT_VIRTUAL_COILS = 6
+"""Virtual coils (array compression of the data) of the per-shot correction's SENSE reconstruction; the new
+data are then predicted on every coil."""
 
 SENSE_LAMBDA = 1e-2
 """Tikhonov weight of the cartesian correction and of :func:`~kmotion.gadget.recon.reconstruct_slice`
@@ -217,8 +222,12 @@ def correct_shots(w: SliceWork, params: GadgetParams, device: torch.device) -> N
     y = torch.from_numpy(a.kspace).to(device)[None]
     motion = torch.from_numpy(poses)[None].to(device)
     m = maps.to(device)[None]
+    y_v, m_v = compress_coils(y, m, SHOT_VIRTUAL_COILS)  # the image from fewer virtual coils: speed
+    model = w.reference.model
+    x0 = getattr(model, "image", None)  # the reference image (object pose): a warm start
     x = sense_reconstruct_shots(
-        y, m, masks, motion, a.pixel_spacing_mm, params.sense_iterations, SENSE_LAMBDA
+        y_v, m_v, masks, motion, a.pixel_spacing_mm, params.sense_iterations, SENSE_LAMBDA,
+        x0=None if x0 is None else x0.to(device)[None],
     )
     y_corr = ShotSense(m, masks, motion, a.pixel_spacing_mm).forward_static(x)
     delta = ((y_corr - y) * samples[None, None])[0].cpu().numpy()

@@ -33,6 +33,9 @@ drift between repetitions and the coil maps' phase convention transported with t
 calibration lines)."""
 
 N_VIRTUAL = 8
+
+N_VIRTUAL_SHOTS = 4
+"""Virtual coils of the per-shot fit (many small problems: speed; whitened data keep their noise white)."""
 """Virtual coils of the fit (array compression of the whitened data, exact in form; fewer: faster)."""
 
 
@@ -99,7 +102,8 @@ def fit_slices(
         rhos.append(min(1.0, n_ky * n_kx / max(n_ref, 1)))
     kspace = torch.stack(ys)
     problems = ShotProblems.from_masks(kspace, torch.stack(masks), torch.stack(weights))
-    problems, vmaps = problems.compressed(kspace, torch.stack([m.maps for m in models]), N_VIRTUAL)
+    n_virtual = N_VIRTUAL if shot_rows is None else N_VIRTUAL_SHOTS
+    problems, vmaps = problems.compressed(kspace, torch.stack([m.maps for m in models]), n_virtual)
     reference = torch.stack([m.image for m in models])
     noise_reference = torch.stack([m.noise_image for m in models])
     sigma2 = torch.tensor([m.sigma2 for m in models], dtype=torch.float64, device=device)
@@ -132,7 +136,8 @@ def fit_slices(
         cands,
         spacing,
         None,
-        keep=3 if per_shot else 2,
+        keep=2,
+        tolerance=2e-3,
         use_neighbours=per_shot,
         n_phase=N_PHASE,
         noise_reference=noise_reference,

@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 
 from kmotion.physics.fft import fft2c, ifft2c
-from kmotion.physics.sense import MotionSense, conjugate_gradient
+from kmotion.physics.rolled import RolledGrid
+from kmotion.physics.sense import conjugate_gradient
 from kmotion.physics.validate import InputError
 
 __all__ = ["ShotSense", "merge_shots", "sense_reconstruct_shots"]
@@ -75,6 +76,10 @@ def merge_shots(
 class ShotSense:
     """``A x = sum_s M_s F C T_{m_s} x`` for ``B`` slices of ``S`` shots (see the module docstring).
 
+    Shots of a slice that share a pose are one term (:func:`merge_shots`).  The operator works on the rolled
+    layout (:mod:`kmotion.physics.rolled`: no shift copies, fast shears); :meth:`forward`/:meth:`adjoint`
+    take and give the centred layout of ``docs/conventions.md``, :meth:`normal_rolled` is the CG's operator.
+
     Parameters
     ----------
     maps
@@ -108,8 +113,7 @@ class ShotSense:
         if m.ndim != 4 or m.shape[0] != b or tuple(m.shape[2:]) != (n_y, n_x):
             raise InputError(
                 f"ShotSense: shot_masks must be (B, S, n_ky[, n_kx]) with B = {b}, n_ky = {n_y}, "
-                f"n_kx = {n_x}; "
-                f"got {tuple(shot_masks.shape)}"
+                f"n_kx = {n_x}; got {tuple(shot_masks.shape)}"
             )
         if motion is not None and tuple(motion.shape) != (b, m.shape[1], 3):
             raise InputError(
@@ -117,31 +121,49 @@ class ShotSense:
             )
         masks, poses = merge_shots(m, motion)
         self.n_slices, self.n_groups = b, masks.shape[1]
-        g = self.n_groups
+        self.grid = RolledGrid(n_y, n_x, pixel_spacing_mm, maps.device)
         self.maps = maps.to(torch.complex64)
-        flat_maps = self.maps[:, None].expand(b, g, n_c, n_y, n_x).reshape(b * g, n_c, n_y, n_x)
-        self._op = MotionSense(
-            flat_maps,
-            masks.reshape(b * g, n_y, n_x),
-            poses.reshape(b * g, 3).to(maps.device),
-            pixel_spacing_mm,
-        )
-        self.mask = masks.any(1)[:, None]  # (B, 1, n_ky, n_kx): every acquired sample
+        self.maps_r = self.grid.roll(self.maps)  # (B, C, n_y, n_x) rolled
+        self.masks_r = torch.fft.ifftshift(masks, dim=(-2, -1))  # (B, G, n_y, n_x) plain k order
+        self.poses = poses.to(maps.device).reshape(b * self.n_groups, 3)
+        self.moving = bool(self.poses.abs().sum() > 0)
+        self.mask = masks.any(1)[:, None]  # (B, 1, n_ky, n_kx) centred: every acquired sample
 
     def _expand(self, x: torch.Tensor) -> torch.Tensor:
         b, g = self.n_slices, self.n_groups
         return x[:, None].expand(b, g, *x.shape[1:]).reshape(b * g, *x.shape[1:])
 
-    def _sum(self, y: torch.Tensor) -> torch.Tensor:
-        return y.reshape(self.n_slices, self.n_groups, *y.shape[1:]).sum(1)
+    def forward_rolled(self, x_r: torch.Tensor) -> torch.Tensor:
+        """Rolled image ``(B, n_y, n_x)`` -> k-space in plain FFT order ``(B, n_coils, n_ky, n_kx)``."""
+        b, g = self.n_slices, self.n_groups
+        moved = self._expand(x_r)
+        if self.moving:
+            moved = self.grid.move(moved, self.poses)
+        coil = self.maps_r[:, None] * moved.reshape(b, g, 1, *x_r.shape[1:])  # (B, G, C, n_y, n_x)
+        k = torch.fft.fft2(coil, norm="ortho") * self.masks_r[:, :, None]
+        return k.sum(1)
+
+    def adjoint_rolled(self, y: torch.Tensor) -> torch.Tensor:
+        """K-space in plain order ``(B, n_coils, n_ky, n_kx)`` -> rolled image ``(B, n_y, n_x)``."""
+        b, g = self.n_slices, self.n_groups
+        k = y[:, None] * self.masks_r[:, :, None]  # (B, G, C, ...)
+        img = (self.maps_r[:, None].conj() * torch.fft.ifft2(k, norm="ortho")).sum(2)  # (B, G, n_y, n_x)
+        img = img.reshape(b * g, *img.shape[2:])
+        if self.moving:
+            img = self.grid.unmove(img, self.poses)
+        return img.reshape(b, g, *img.shape[1:]).sum(1)
+
+    def normal_rolled(self, x_r: torch.Tensor) -> torch.Tensor:
+        """``A^H A`` on rolled images."""
+        return self.adjoint_rolled(self.forward_rolled(x_r))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Image ``(B, n_y, n_x)`` (reference pose) -> k-space ``(B, n_coils, n_ky, n_kx)`` on the masks."""
-        return self._sum(self._op.forward(self._expand(x)))
+        return torch.fft.fftshift(self.forward_rolled(self.grid.roll(x)), dim=(-2, -1))
 
     def adjoint(self, y: torch.Tensor) -> torch.Tensor:
         """``(B, n_coils, n_ky, n_kx)`` -> ``(B, n_y, n_x)``: ``sum_s T_s^H C^H F^H M_s y``."""
-        return self._sum(self._op.adjoint(self._expand(y)))
+        return self.grid.unroll(self.adjoint_rolled(torch.fft.ifftshift(y, dim=(-2, -1))))
 
     def normal(self, x: torch.Tensor) -> torch.Tensor:
         """``A^H A x``."""
@@ -172,5 +194,7 @@ def sense_reconstruct_shots(
     unit RSS, see :func:`kmotion.physics.sense.sense_reconstruct`); ``x0`` an optional start.
     """
     op = ShotSense(maps, shot_masks, motion, pixel_spacing_mm)
-    y = kspace.to(op.maps.device, torch.complex64)
-    return conjugate_gradient(op.normal, op.adjoint(y), iterations, lam, x0=x0)
+    y = torch.fft.ifftshift(kspace.to(op.maps.device, torch.complex64), dim=(-2, -1))
+    start = None if x0 is None else op.grid.roll(x0.to(torch.complex64))
+    x_r = conjugate_gradient(op.normal_rolled, op.adjoint_rolled(y), iterations, lam, x0=start)
+    return op.grid.unroll(x_r)
