@@ -80,7 +80,8 @@ def _image(
 def _meta(report: MotionReport) -> dict[str, object]:
     d = report.as_dict()
     out: dict[str, object] = {}
-    for k in ("dx_px", "dy_px", "rot_deg", "dx_mm", "dy_mm", "reference_repetition", "flagged", "corrected"):
+    keys = ("dx_px", "dy_px", "rot_deg", "dx_mm", "dy_mm", "reference_repetition", "flagged", "corrected")
+    for k in (*keys, "dx_std_px", "dy_std_px", "rot_std_deg", "chi2", "p_value"):
         v = d[k]
         out[f"kmotion_{k}"] = "nan" if v is None else (int(v) if isinstance(v, bool) else v)
     patient = (d[f"patient_{c}_mm"] for c in "xyz")
@@ -104,7 +105,9 @@ def reconstruct_images(
     passed through.  Image headers: ``image_series_index`` = ``series_index``, ``image_index`` counting from
     1, counters (slice, contrast, repetition, set, ...), position, directions, table position and time
     stamps of the slice's first acquisition, ``field_of_view`` (x, y, z) mm, ``matrix_size`` (n_x, n_y, 1).
-    When a report for that slice came before it, its values are meta attributes ``kmotion_*``.
+    When a report for that slice came before it, its values are meta attributes ``kmotion_*`` (the estimate,
+    its standard errors ``kmotion_dx_std_px``/``kmotion_dy_std_px``/``kmotion_rot_std_deg``, the test's
+    ``kmotion_chi2``/``kmotion_p_value``, the decision and the reason).
     A slice that cannot be assembled is logged and skipped (it has no image).
     """
     geometry = SliceGeometry.from_header(header)
