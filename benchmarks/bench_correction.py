@@ -8,16 +8,20 @@ For every moved slice: NRMSE of the magnitude image reconstructed from the corre
 image of the motion-free reference (repetition 0), both with :func:`kmotion.gadget.recon.reconstruct_images`
 (SENSE, the same coil maps), and the same for the uncorrected lines.  Once with the **true** motion given to
 the correction (an oracle estimate: the correction alone) and once with the **estimated** motion (the
-shipped estimator).  Also the estimate's absolute error and the time per slice spent in the pipeline.
+gadget's estimator, ``MotionCorrector.estimate_slices``; with ``--network-only`` also the shipped network's
+estimate alone, the fit's seed).  The oracle replaces ``estimate_slices`` by the truth through
+:func:`kmotion.gadget.estimate.report_for` (significant, applied).  Also the estimate's absolute error, the
+slices corrected and the time per slice spent in the pipeline.
 
     .venv/bin/python benchmarks/bench_correction.py [--matrix 256] [--slices 2] [--repetitions 11]
-    .venv/bin/python benchmarks/bench_correction.py --snr 30 --estimated-only --no-refine   # network alone
+    .venv/bin/python benchmarks/bench_correction.py --snr 30 --estimated-only --network-only
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import platform
 import time
 
@@ -25,8 +29,10 @@ import ismrmrd
 import numpy as np
 import torch
 
-from kmotion.estimation.network import Estimate
 from kmotion.gadget import GadgetParams, MotionCorrector, MotionReport, reconstruct_images
+from kmotion.gadget.estimate import report_for
+from kmotion.gadget.reference import SliceWork
+from kmotion.io.ismrmrd_writer import TrueMotion
 from kmotion.simulation.raw import RawConfig, simulate_raw
 
 
@@ -42,26 +48,59 @@ def _copy(items: list[object]) -> list[object]:
     return [copy.deepcopy(i) if isinstance(i, ismrmrd.Acquisition) else i for i in items]
 
 
-def run(cfg: RawConfig, oracle: bool, device: str, refine: bool = True) -> dict[str, float]:
+def _oracle(mc: MotionCorrector, truth: dict[tuple[int, int], TrueMotion]) -> None:
+    """Stage 4 replaced by the true motion (significant, no uncertainty): the correction alone."""
+    nan3 = (math.nan, math.nan, math.nan)
+
+    def estimate_slices(work: list[SliceWork]) -> None:
+        for w in work:
+            if w.report is None and w.reference is not None:
+                t = truth[(w.buffer.key.slice, w.buffer.key.repetition)]
+                motion = (t.dx_px, t.dy_px, t.phi_deg)
+                w.report = report_for(w, motion, nan3, math.inf, 3, mc.params, "oracle: true motion")
+
+    mc.estimate_slices = estimate_slices  # type: ignore[method-assign]
+
+
+def _network_only(mc: MotionCorrector) -> None:
+    """Stage 4 replaced by the shipped network's estimate alone (the fit's seed), always applied."""
+    nan3 = (math.nan, math.nan, math.nan)
+
+    def estimate_slices(work: list[SliceWork]) -> None:
+        for w in work:
+            if w.report is not None or w.reference is None or w.assembled is None:
+                continue
+            if w.crops is None:
+                raise SystemExit(f"network alone: {w.network_note}")
+            n_ky, n_kx = w.assembled.kspace.shape[1:]
+            est = mc.estimator.estimate_data(
+                w.crops[0][None],
+                w.crops[1][None],
+                (int(n_ky), int(n_kx)),
+                w.assembled.fov_mm,
+                mc.net_acceleration,
+            )
+            motion = tuple(float(v) for v in est.motion[0])
+            w.report = report_for(w, motion, nan3, math.inf, 3, mc.params, "network alone")  # type: ignore[arg-type]
+
+    mc.estimate_slices = estimate_slices  # type: ignore[method-assign]
+
+
+def run(cfg: RawConfig, mode: str, device: str) -> dict[str, float]:
+    """``mode``: ``true`` (oracle), ``estimated`` (the gadget's estimator), ``network`` (network alone)."""
     raw = simulate_raw(cfg)
     truth = {(t.slice, t.repetition): t for t in raw.truth}
     mc = MotionCorrector(raw.header, GadgetParams(device=device))
-    if hasattr(mc.estimator, "refine"):
-        mc.estimator.refine = refine
-    if oracle:
-        queue = [t for t in raw.truth if t.repetition > 0]  # the pipeline meets the slices in stream order
-
-        def estimate_data(ref: torch.Tensor, mov: torch.Tensor, *args: object, **kw: object) -> Estimate:
-            rows = [[t.dx_px, t.dy_px, t.phi_deg] for t in (queue.pop(0) for _ in range(len(ref)))]
-            return Estimate(torch.tensor(rows), torch.zeros(len(rows), dtype=torch.bool))
-
-        mc.estimator.estimate_data = estimate_data  # type: ignore[method-assign]
+    if mode == "true":
+        _oracle(mc, truth)
+    elif mode == "network":
+        _network_only(mc)
     before = _copy(raw.items)
     t0 = time.perf_counter()
     out = list(mc(raw.items))
     wall = time.perf_counter() - t0
     img_b, img_a = _images(before, raw.header), _images(out, raw.header)
-    unc, cor, err = [], [], []
+    unc, cor, err, n_cor = [], [], [], 0
     for o in out:
         if not isinstance(o, MotionReport) or o.key.repetition == 0:
             continue
@@ -71,6 +110,7 @@ def run(cfg: RawConfig, oracle: bool, device: str, refine: bool = True) -> dict[
         unc.append(np.linalg.norm(img_b[(s, r)] - ref) / np.linalg.norm(ref))
         cor.append(np.linalg.norm(img_a[(s, r)] - img_a[(s, 0)]) / np.linalg.norm(img_a[(s, 0)]))
         err.append([abs(o.dx_px - t.dx_px), abs(o.dy_px - t.dy_px), abs(o.rot_deg - t.phi_deg)])
+        n_cor += int(o.corrected)
     u, c, e = np.array(unc), np.array(cor), np.array(err)
     n_slices = cfg.n_slices * cfg.n_repetitions
     return {
@@ -82,6 +122,8 @@ def run(cfg: RawConfig, oracle: bool, device: str, refine: bool = True) -> dict[
         "mae_dy": float(e[:, 1].mean()),
         "mae_phi": float(e[:, 2].mean()),
         "s_per_slice": wall / n_slices,
+        "corrected": n_cor,
+        "moved": len(cor),
     }
 
 
@@ -94,26 +136,31 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=3)
     p.add_argument("--snr", type=float, nargs="*", default=[30.0, 0.0], help="0: noise-free")
-    p.add_argument(
-        "--no-refine", action="store_true", help="the network alone (no data-consistency refinement)"
-    )
+    p.add_argument("--network-only", action="store_true", help="also the network alone (the fit's seed)")
     p.add_argument("--estimated-only", action="store_true")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, {platform.machine()}, device {a.device}, {a.threads} thread(s)")
-    print("snr   | motion    | NRMSE uncorr | NRMSE corr | corr/uncorr mean (max) | MAE dx/dy/phi | s/slice")
+    print(
+        "| SNR | motion given to the correction | NRMSE uncorrected | NRMSE corrected "
+        "| corrected / uncorrected mean (max) | MAE dx / dy [px] / phi [deg] | corrected | s per slice |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    modes = ["estimated"] if a.estimated_only else ["true", "estimated"]
+    if a.network_only:
+        modes.append("network")
     for snr_arg in a.snr:
         snr = snr_arg or None
         cfg = RawConfig(
             matrix=(a.matrix, a.matrix), n_slices=a.slices, n_repetitions=a.repetitions, snr=snr, seed=a.seed
         )
-        for oracle in (False,) if a.estimated_only else (True, False):
-            r = run(cfg, oracle, a.device, refine=not a.no_refine)
+        for mode in modes:
+            r = run(cfg, mode, a.device)
+            mae = "–" if mode == "true" else f"{r['mae_dx']:.3f} / {r['mae_dy']:.3f} / {r['mae_phi']:.3f}"
             print(
-                f"{snr!s:5} | {'true' if oracle else 'estimated':9} | {r['unc']:.3f}        "
-                f"| {r['cor']:.3f}      | {r['ratio']:.3f} ({r['ratio_max']:.3f})          "
-                f"| {r['mae_dx']:.3f}/{r['mae_dy']:.3f}/"
-                f"{r['mae_phi']:.3f} | {r['s_per_slice']:.2f}",
+                f"| {snr if snr else '∞'} | {mode} | {r['unc']:.3f} | {r['cor']:.3f} "
+                f"| {r['ratio']:.3f} ({r['ratio_max']:.3f}) | {mae} | {r['corrected']}/{r['moved']} "
+                f"| {r['s_per_slice']:.2f} |",
                 flush=True,
             )
 

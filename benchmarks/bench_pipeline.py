@@ -7,7 +7,10 @@ oversampling), 8 coils, R = 2 with a 24-line calibration block, SNR 30, repetiti
 
 * latency: from the moment the pipeline pulls a slice's last line (``ACQ_LAST_IN_SLICE``) until it emits
   that slice's ``MotionReport`` (the report comes immediately before the slice's corrected lines);
-* slices/s: moved slices divided by the wall time from the first pull to the last output.
+* slices/s: moved slices divided by the sum of their latencies (steady state).
+
+Each stream runs twice: with the gadget's estimator, and with stage 4 replaced by the true motion (an
+oracle, through :func:`kmotion.gadget.estimate.report_for`): the difference is the estimation's share.
 
 The first moved slice loads the model and warms up the kernels; it is reported separately and left out of
 the statistics.  Runs on CPU, and on CUDA when available (``--device``).
@@ -19,6 +22,7 @@ the statistics.  Runs on CPU, and on CUDA when available (``--device``).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import statistics
@@ -28,7 +32,10 @@ from collections.abc import Iterable, Iterator
 import ismrmrd
 import torch
 
-from kmotion.gadget import GadgetParams, MotionReport, motion_correct
+from kmotion.gadget import GadgetParams, MotionCorrector, MotionReport
+from kmotion.gadget.estimate import report_for
+from kmotion.gadget.reference import SliceWork
+from kmotion.io.ismrmrd_writer import TrueMotion
 from kmotion.simulation.raw import RawConfig, simulate_raw
 
 
@@ -43,8 +50,25 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def run(items: list[object], header: object, params: GadgetParams) -> dict[str, object]:
-    """Stream ``items`` through the pipeline; latency per slice and throughput."""
+def _oracle(mc: MotionCorrector, truth: dict[tuple[int, int], TrueMotion]) -> None:
+    """Stage 4 replaced by the true motion (significant, applied): the latency without the estimation."""
+    nan3 = (math.nan, math.nan, math.nan)
+
+    def estimate_slices(work: list[SliceWork]) -> None:
+        for w in work:
+            if w.report is None and w.reference is not None:
+                t = truth[(w.buffer.key.slice, w.buffer.key.repetition)]
+                motion = (t.dx_px, t.dy_px, t.phi_deg)
+                w.report = report_for(w, motion, nan3, math.inf, 3, mc.params, "oracle: true motion")
+
+    mc.estimate_slices = estimate_slices  # type: ignore[method-assign]
+
+
+def run(
+    items: list[object], header: object, params: GadgetParams, truth: dict[tuple[int, int], TrueMotion] | None
+) -> dict[str, object]:
+    """Stream ``items`` through the pipeline (with ``truth``: the oracle of :func:`_oracle` instead of the
+    estimator); latency per slice and throughput."""
     pulled: dict[tuple[int, int], float] = {}
 
     def source(it: Iterable[object]) -> Iterator[object]:
@@ -57,7 +81,10 @@ def run(items: list[object], header: object, params: GadgetParams) -> dict[str, 
     reports: list[MotionReport] = []
     n_out = 0
     t0 = time.perf_counter()
-    for out in motion_correct(source(items), header, params):  # type: ignore[arg-type]
+    mc = MotionCorrector(header, params)  # type: ignore[arg-type]
+    if truth is not None:
+        _oracle(mc, truth)
+    for out in mc(source(items)):
         n_out += 1
         if isinstance(out, MotionReport):
             key = (int(out.key.slice), int(out.key.repetition))
@@ -111,22 +138,29 @@ def main() -> None:
             print("cuda: not available on this machine (no CUDA numbers)")
             continue
         name = torch.cuda.get_device_name(0) if dev == "cuda" else _cpu_name()
-        res = run(raw.items, raw.header, GadgetParams(device=dev, output=args.output))
-        lat = res["latency_s"]
-        assert isinstance(lat, list)
-        n = len(lat)
-        wall_steady = sum(lat)
-        print(
-            f"{dev} ({name}): {res['n_corrected']}/{res['n_moved']} moved slices corrected; "
-            f"first moved slice "
-            f"(model load + warm-up) {res['first_moved_s']:.2f} s"
-        )
-        if n:
-            print(
-                f"  per-slice latency over {n} slices: median {statistics.median(lat):.3f} s, mean "
-                f"{statistics.fmean(lat):.3f} s, max {max(lat):.3f} s -> {n / wall_steady:.2f} slices/s "
-                f"(steady state); whole stream incl. warm-up {res['n_moved']} slices in {res['wall_s']:.1f} s"
+        truth = {(t.slice, t.repetition): t for t in raw.truth}
+        for oracle in (False, True):
+            res = run(
+                raw.items, raw.header, GadgetParams(device=dev, output=args.output), truth if oracle else None
             )
+            _print(dev, name, "true motion (no estimation)" if oracle else "estimated", res)
+
+
+def _print(dev: str, name: str, what: str, res: dict[str, object]) -> None:
+    """One result: corrected slices, the first moved slice's latency, then the steady state."""
+    lat = res["latency_s"]
+    assert isinstance(lat, list)
+    print(
+        f"{dev} ({name}), {what}: {res['n_corrected']}/{res['n_moved']} moved slices corrected; first moved "
+        f"slice (model load + warm-up) {res['first_moved_s']:.2f} s"
+    )
+    if lat:
+        print(
+            f"  per-slice latency over {len(lat)} slices: median {statistics.median(lat):.3f} s, mean "
+            f"{statistics.fmean(lat):.3f} s, max {max(lat):.3f} s -> {len(lat) / sum(lat):.2f} slices/s "
+            f"(steady state); whole stream incl. warm-up {res['n_moved']} slices in {res['wall_s']:.1f} s",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
