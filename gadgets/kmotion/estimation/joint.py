@@ -16,17 +16,91 @@ shot's pose and every other pose is relative to it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from kmotion.estimation.shots import ShotFit, ShotProblems, coarse_search, fit_shots
+from kmotion.physics.sense import MotionSense, conjugate_gradient
 from kmotion.physics.shot_sense import sense_reconstruct_shots
 from kmotion.physics.validate import InputError
 
-__all__ = ["JointResult", "centre_shot", "joint_estimate"]
+__all__ = ["JointResult", "centre_shot", "joint_estimate", "refine_with_reference_data"]
 
 Spacing = tuple[float, float]
+
+
+def refine_with_reference_data(
+    reference_kspace: torch.Tensor,
+    reference_samples: torch.Tensor,
+    kspace: torch.Tensor,
+    samples: torch.Tensor,
+    maps: torch.Tensor,
+    image: torch.Tensor,
+    motion: torch.Tensor,
+    spacing: Spacing,
+    fit: Callable[[torch.Tensor, torch.Tensor], ShotFit],
+    rounds: int = 6,
+    cg_iterations: int = 10,
+    lam: float = 1e-3,
+) -> tuple[ShotFit, torch.Tensor]:
+    """Refine one slice's pose with an image estimated from the reference data *and* the moved data.
+
+    A reference image reconstructed from the reference's data alone lacks what its sampling cannot see (the
+    near-null space of an accelerated SENSE encoding); under a rotation that deficit becomes visible in the
+    moved data and pulls the pose towards zero (R = 4, 8 coils, 128^2: 6 deg estimated as 1.4-2.5 deg).
+    The image of both data sets at the current pose (aligned SENSE with two poses, Cordero-Grande et al., MRM
+    2016) does not lack it.  The alternation (image by CG, pose by ``fit``) converges linearly with a rate
+    near 0.9; every pair of alternations is extrapolated (Aitken's delta-squared, ratio capped at 0.9).
+
+    Parameters
+    ----------
+    reference_kspace, kspace
+        ``(n_coils, n_ky, n_kx)`` whitened data of the reference and the moved slice.
+    reference_samples, samples
+        ``(n_ky, n_kx)`` bool acquired samples.
+    maps
+        ``(n_coils, n_y, n_x)`` whitened coil maps.
+    image
+        ``(n_y, n_x)`` start image (the reference's).
+    motion
+        ``(3,)`` start pose ``(dx_px, dy_px, phi_deg)``.
+    fit
+        ``fit(image (1, n_y, n_x), starts (1, K, 3)) -> ShotFit``: the data-consistency fit of the moved
+        slice against an image.
+    rounds
+        Pairs of alternations (each followed by one extrapolation).
+
+    Returns
+    -------
+    The fit of a last alternation from the extrapolated pose, and the joint image.
+    """
+    y0, y1 = reference_kspace[None], kspace[None]
+    m0, m1 = reference_samples[None], samples[None]
+    c = maps[None]
+    x = image[None].to(torch.complex64)
+    theta = motion.reshape(1, 3).to(torch.float64)
+
+    def alternate(th: torch.Tensor, x: torch.Tensor) -> tuple[ShotFit, torch.Tensor]:
+        a0 = MotionSense(c, m0)
+        a1 = MotionSense(c, m1, th, spacing)
+        x = conjugate_gradient(
+            lambda v: a0.normal(v) + a1.normal(v), a0.adjoint(y0) + a1.adjoint(y1), cg_iterations, lam, x0=x
+        )
+        return fit(x, th[:, None]), x
+
+    for _ in range(rounds):
+        f1, x = alternate(theta, x)
+        f2, x = alternate(f1.motion, x)
+        d1, d2 = f1.motion - theta, f2.motion - f1.motion
+        r = float((d2.norm() / d1.norm().clamp_min(1e-12)).clamp(max=0.9))
+        theta = f2.motion + d2 * (r / (1 - r))
+        if float(d2.abs().max()) < 1e-3:
+            break
+    first, x = alternate(theta, x)  # from the extrapolated pose, twice (an extrapolation may overshoot)
+    last, x = alternate(first.motion, x)
+    return last, x[0]
 
 
 @dataclass

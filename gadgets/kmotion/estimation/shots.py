@@ -162,6 +162,17 @@ class ShotProblems:
         data = kspace[bi[:, None], :, rows] * weight  # (P, R, C, n_x)
         return cls(bi, si, rows, weight, data.to(torch.complex64), weight.square().sum((1, 2, 3)) * n_c)
 
+    def subset(self, index: torch.Tensor) -> ShotProblems:
+        """The problems ``index`` (slice indices kept as they are)."""
+        return ShotProblems(
+            self.slice_index[index],
+            self.shot_index[index],
+            self.rows[index],
+            self.weight[index],
+            self.data[index],
+            self.n_samples[index],
+        )
+
     def compressed(
         self, kspace: torch.Tensor, maps: torch.Tensor, n_virtual: int
     ) -> tuple[ShotProblems, torch.Tensor]:

@@ -10,12 +10,14 @@ residual's share.  See ``docs/gadget.md`` ("Estimation").
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from kmotion.estimation.shots import ShotProblems, coarse_search, fit_shots
+from kmotion.estimation.joint import refine_with_reference_data
+from kmotion.estimation.shots import ShotFit, ShotProblems, coarse_search, fit_shots
 from kmotion.gadget.noise import apply_whitening
 from kmotion.gadget.params import GadgetParams
 from kmotion.gadget.reference import SliceWork
@@ -50,6 +52,27 @@ def inscribed_disc(shape: tuple[int, ...]) -> np.ndarray:
     ky = (np.arange(n_ky) - n_ky // 2) / (n_ky / 2)
     kx = (np.arange(n_kx) - n_kx // 2) / (n_kx / 2)
     return ky[:, None] ** 2 + kx[None, :] ** 2 <= 1.0
+
+
+JOINT_COIL_RATIO = 4.0
+"""Slices whose coils per acceleration fall below this get the joint refinement with the reference data."""
+
+
+def _merge(fit: ShotFit, refined: dict[int, ShotFit]) -> ShotFit:
+    """``fit`` with the rows of ``refined`` (problem index -> a one-problem fit) replaced."""
+    names: tuple[str, ...] = ("motion", "std", "rss", "rss_zero", "n_samples", "hessian", "statistic")
+    names += ("noise_var", "ambiguous")
+    out = copy.copy(fit)
+    for name in names:
+        setattr(out, name, getattr(fit, name).clone())
+    if fit.phase is not None:
+        out.phase = fit.phase.clone()
+    for q, f in refined.items():
+        for name in names:
+            getattr(out, name)[q] = getattr(f, name)[0]
+        if out.phase is not None and f.phase is not None:
+            out.phase[q] = f.phase[0]
+    return out
 
 
 @dataclass
@@ -142,6 +165,55 @@ def fit_slices(
         n_phase=N_PHASE,
         noise_reference=noise_reference,
     )
+    refined: dict[int, ShotFit] = {}
+    if not per_shot:  # weakly determined references: the image of both data sets (estimation/joint.py)
+        for i, w in enumerate(ws):
+            assert w.assembled is not None and w.reference is not None
+            if n_c / max(1, w.reference.slice.acceleration) >= JOINT_COIL_RATIO:
+                continue
+            mine = torch.nonzero(problems.slice_index == i).flatten()
+            if mine.numel() != 1:
+                continue
+            sub = problems.subset(mine)
+            sub.slice_index = torch.zeros_like(sub.slice_index)
+            vm = vmaps[i : i + 1]
+            noise_ref = noise_reference[i : i + 1]
+
+            def fit_one(
+                img: torch.Tensor,
+                starts: torch.Tensor,
+                sub: ShotProblems = sub,
+                vm: torch.Tensor = vm,
+                noise_ref: torch.Tensor = noise_ref,
+            ) -> ShotFit:
+                return fit_shots(
+                    img,
+                    vm,
+                    sub,
+                    starts,
+                    spacing,
+                    None,
+                    keep=1,
+                    use_neighbours=False,
+                    n_phase=N_PHASE,
+                    noise_reference=noise_ref,
+                )
+
+            model = models[i]
+            y_ref = apply_whitening(model.white, torch.from_numpy(w.reference.slice.kspace).to(device), 0)
+            refined[int(mine)], _ = refine_with_reference_data(
+                y_ref,
+                torch.from_numpy(w.reference.slice.samples()).to(device),
+                ys[i],
+                torch.from_numpy(w.assembled.samples()).to(device),
+                model.maps,
+                model.image,
+                fit.motion[int(mine)],
+                spacing,
+                fit_one,
+            )
+    if refined:
+        fit = _merge(fit, refined)
     rho = torch.tensor(rhos, dtype=torch.float64, device=device)[problems.slice_index]
     from_residual = fit.residual_variance() * 2 / (1 + rho)
     noise_var = torch.maximum(2 * sigma2[problems.slice_index], from_residual)
