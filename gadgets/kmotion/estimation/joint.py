@@ -23,7 +23,7 @@ import torch
 
 from kmotion.estimation.shots import ShotFit, ShotProblems, coarse_search, fit_shots
 from kmotion.physics.sense import MotionSense, conjugate_gradient
-from kmotion.physics.shot_sense import sense_reconstruct_shots
+from kmotion.physics.shot_sense import ShotSense, sense_reconstruct_shots
 from kmotion.physics.validate import InputError
 
 __all__ = ["JointResult", "centre_shot", "joint_estimate", "refine_with_reference_data"]
@@ -35,7 +35,7 @@ def refine_with_reference_data(
     reference_kspace: torch.Tensor,
     reference_samples: torch.Tensor,
     kspace: torch.Tensor,
-    samples: torch.Tensor,
+    shot_masks: torch.Tensor,
     maps: torch.Tensor,
     image: torch.Tensor,
     motion: torch.Tensor,
@@ -45,46 +45,50 @@ def refine_with_reference_data(
     cg_iterations: int = 10,
     lam: float = 1e-3,
 ) -> tuple[ShotFit, torch.Tensor]:
-    """Refine one slice's pose with an image estimated from the reference data *and* the moved data.
+    """Refine the poses of a slice's shots with an image of the reference data *and* the moved data.
 
     A reference image reconstructed from the reference's data alone lacks what its sampling cannot see (the
-    near-null space of an accelerated SENSE encoding); under a rotation that deficit becomes visible in the
-    moved data and pulls the pose towards zero (R = 4, 8 coils, 128^2: 6 deg estimated as 1.4-2.5 deg).
-    The image of both data sets at the current pose (aligned SENSE with two poses, Cordero-Grande et al., MRM
-    2016) does not lack it.  The alternation (image by CG, pose by ``fit``) converges linearly with a rate
-    near 0.9; every pair of alternations is extrapolated (Aitken's delta-squared, ratio capped at 0.9).
+    near-null space of an accelerated SENSE encoding, or everything beyond a low-resolution calibration
+    scan); under a rotation that deficit becomes visible in the moved data and pulls the poses towards zero
+    (R = 4, 8 coils, 128^2: 6 deg estimated as 1.4-2.5 deg).  The image of all data sets at the current
+    poses (aligned SENSE with the reference at pose zero, Cordero-Grande et al., MRM 2016) does not lack it.
+    The alternation (image by CG, poses by ``fit``) converges linearly with a rate near 0.9; every pair of
+    alternations is extrapolated (Aitken's delta-squared, ratio capped at 0.9).
 
     Parameters
     ----------
     reference_kspace, kspace
         ``(n_coils, n_ky, n_kx)`` whitened data of the reference and the moved slice.
-    reference_samples, samples
-        ``(n_ky, n_kx)`` bool acquired samples.
+    reference_samples
+        ``(n_ky, n_kx)`` bool acquired samples of the reference.
+    shot_masks
+        ``(S, n_ky, n_kx)`` bool samples of each shot of the moved slice (``S = 1``: one pose).
     maps
         ``(n_coils, n_y, n_x)`` whitened coil maps.
     image
         ``(n_y, n_x)`` start image (the reference's).
     motion
-        ``(3,)`` start pose ``(dx_px, dy_px, phi_deg)``.
+        ``(S, 3)`` start poses ``(dx_px, dy_px, phi_deg)``.
     fit
-        ``fit(image (1, n_y, n_x), starts (1, K, 3)) -> ShotFit``: the data-consistency fit of the moved
-        slice against an image.
+        ``fit(image (1, n_y, n_x), starts (S, K, 3)) -> ShotFit``: the data-consistency fit of the moved
+        slice's shots against an image.
     rounds
         Pairs of alternations (each followed by one extrapolation).
 
     Returns
     -------
-    The fit of a last alternation from the extrapolated pose, and the joint image.
+    The fit of a last alternation from the extrapolated poses, and the joint image.
     """
     y0, y1 = reference_kspace[None], kspace[None]
-    m0, m1 = reference_samples[None], samples[None]
+    m0 = reference_samples[None]
+    masks = shot_masks[None]
     c = maps[None]
     x = image[None].to(torch.complex64)
-    theta = motion.reshape(1, 3).to(torch.float64)
+    theta = motion.reshape(-1, 3).to(torch.float64)
 
     def alternate(th: torch.Tensor, x: torch.Tensor) -> tuple[ShotFit, torch.Tensor]:
         a0 = MotionSense(c, m0)
-        a1 = MotionSense(c, m1, th, spacing)
+        a1 = ShotSense(c, masks, th[None], spacing)
         x = conjugate_gradient(
             lambda v: a0.normal(v) + a1.normal(v), a0.adjoint(y0) + a1.adjoint(y1), cg_iterations, lam, x0=x
         )
@@ -98,7 +102,7 @@ def refine_with_reference_data(
         theta = f2.motion + d2 * (r / (1 - r))
         if float(d2.abs().max()) < 1e-3:
             break
-    first, x = alternate(theta, x)  # from the extrapolated pose, twice (an extrapolation may overshoot)
+    first, x = alternate(theta, x)  # from the extrapolated poses, twice (an extrapolation may overshoot)
     last, x = alternate(first.motion, x)
     return last, x[0]
 

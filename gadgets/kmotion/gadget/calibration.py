@@ -159,6 +159,26 @@ class CalibrationStore:
         )
         return f"{why}; {'; '.join(unused)}" if unused else why
 
+    def separate_scan(self, ref: AssembledSlice) -> AssembledSlice | str:
+        """A separate calibration scan of ``ref``'s slice on its grid (calibration-only lines of another
+        encoding space, or of encoding space 0 outside the slice's own group and repetition): a motion-free
+        low-resolution reference for the per-shot model (``docs/intra_scan.md``), or why there is none."""
+        k = ref.key
+        own = (0, k.slice, k.contrast, k.phase, k.set)
+        why: list[str] = []
+        for g in self._candidates(ref):
+            if g == own and self._rep[g] == k.repetition:
+                continue  # ACS lines of the scan itself: acquired in its moving echo trains
+            got = self._assemble(g, ref)
+            if isinstance(got, str):
+                why.append(got)
+                continue
+            rows = calibration_block(got.mask)
+            if rows[1] - rows[0] >= MIN_CALIBRATION_ROWS:
+                return got
+            why.append(f"calibration lines of {_label(g)}: {rows[1] - rows[0]} centre rows")
+        return "no separate calibration scan" + (f" ({'; '.join(why)})" if why else "")
+
     def _assemble(self, g: _Group, ref: AssembledSlice) -> AssembledSlice | str:
         """The lines of group ``g`` on the grid of ``ref``, or why they cannot be used for it."""
         lines = self._lines[g]

@@ -36,6 +36,10 @@ calibration lines)."""
 
 N_VIRTUAL = 8
 
+N_PHASE_SHOTS = 0
+"""Nuisance phase terms of the per-shot fit: none (a shot's few rows near one ky cannot tell a phase from a
+translation along y)."""
+
 N_VIRTUAL_SHOTS = 4
 """Virtual coils of the per-shot fit (many small problems: speed; whitened data keep their noise white)."""
 """Virtual coils of the fit (array compression of the whitened data, exact in form; fewer: faster)."""
@@ -162,7 +166,7 @@ def fit_slices(
         keep=2,
         tolerance=2e-3,
         use_neighbours=per_shot,
-        n_phase=N_PHASE,
+        n_phase=N_PHASE_SHOTS if per_shot else N_PHASE,
         noise_reference=noise_reference,
     )
     refined: dict[int, ShotFit] = {}
@@ -205,7 +209,7 @@ def fit_slices(
                 y_ref,
                 torch.from_numpy(w.reference.slice.samples()).to(device),
                 ys[i],
-                torch.from_numpy(w.assembled.samples()).to(device),
+                masks[i][problems.shot_index[mine]],
                 model.maps,
                 model.image,
                 fit.motion[int(mine)],

@@ -37,7 +37,7 @@ from kmotion.gadget.correct import correct_slices, write_back
 from kmotion.gadget.estimate import estimate_motion, prepare_crops
 from kmotion.gadget.noise import NoiseStore
 from kmotion.gadget.params import DEFAULT_MODEL, GadgetParams, resolve_device
-from kmotion.gadget.reference import References, SliceWork, choose_reference
+from kmotion.gadget.reference import Reference, References, SliceWork, choose_reference
 from kmotion.gadget.report import StreamSummary, blank_report
 from kmotion.gadget.shots import shot_identity, use_shot_model
 from kmotion.io.ismrmrd_header import LenientHeader, read_header
@@ -213,14 +213,29 @@ class MotionCorrector:
     def _process(self, work: list[SliceWork]) -> None:
         for w in work:
             choose_reference(w, self.references, self.params.reference_repetition)
-            if w.report is None:
-                prepare_crops(w, self.net_crop, self.net_acceleration)
-                rows, rule = shot_identity(w.buffer)
-                if use_shot_model(self.params, self.single_repetition, int(rows.max()) + 1):
-                    w.shot_rows, w.shot_rule = rows, rule
-                    if rule not in self._rules_logged:
-                        self._rules_logged.add(rule)
-                        log.info("shot motion model: echo trains identified by %s", rule)
+            own_reference = w.report is not None and w.report.reason == "reference"
+            if w.report is not None and not own_reference:
+                continue
+            rows, rule = shot_identity(w.buffer)
+            if not use_shot_model(self.params, self.single_repetition, int(rows.max()) + 1):
+                if w.report is None:
+                    prepare_crops(w, self.net_crop, self.net_acceleration)
+                continue
+            if own_reference:  # no reference repetition: a separate calibration scan, else none
+                assert w.assembled is not None
+                cal = self.calibration.separate_scan(w.assembled)
+                if isinstance(cal, str):
+                    assert w.report is not None
+                    w.report.reason = (
+                        f"reference; per-shot motion not estimated: {cal} and no reference repetition"
+                    )
+                    continue
+                w.reference, w.report = Reference(cal), None
+                rule += "; reference: the separate calibration scan"
+            w.shot_rows, w.shot_rule = rows, rule
+            if rule not in self._rules_logged:
+                self._rules_logged.add(rule)
+                log.info("shot motion model: echo trains identified by %s", rule)
         self.estimate_slices(work)
         corrected = [w for w in work if w.report is not None and w.report.corrected]
         correct_slices(corrected, self.params, self.calibration, self.device)

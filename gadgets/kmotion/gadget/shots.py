@@ -93,6 +93,9 @@ def estimate_shots(work: list[SliceWork], params: GadgetParams, device: torch.de
             rep.shot = est.shot
             reports.append(rep)
         w.shot_reports = reports
+        assert w.reference is not None and w.assembled is not None
+        if w.reference.slice.key.repetition == w.assembled.key.repetition:  # a low-resolution reference
+            _isolated_shots(reports)
         n_corr = sum(r.corrected for r in reports)
         assert w.reference is not None
         ref_rep = w.reference.slice.key.repetition
@@ -103,3 +106,33 @@ def estimate_shots(work: list[SliceWork], params: GadgetParams, device: torch.de
         )
         summary.method = reports[0].method if reports else ""
         w.report = summary
+
+
+def _isolated_shots(reports: list[MotionReport], k_sigma: float = 4.0, floor: float = 1.0) -> None:
+    """Leave alone a corrected shot whose pose is far from those of its neighbours in time when these agree.
+
+    With a low-resolution reference (a calibration scan) a shot that shares few rows with it can end in a
+    wrong pose that still fits better than zero; real motion is piecewise smooth over echo trains, so a
+    single shot far (``k_sigma`` standard errors and ``floor`` px/deg) from the two nearest others, which
+    agree with each other, is not corrected.
+    """
+    poses = [(r.dx_px, r.dy_px, r.rot_deg) if r.corrected else (0.0, 0.0, 0.0) for r in reports]
+    stds = [(r.dx_std_px, r.dy_std_px, r.rot_std_deg) for r in reports]
+    for i, r in enumerate(reports):
+        if not r.corrected or len(reports) < 3:
+            continue
+        others = sorted((j for j in range(len(reports)) if j != i), key=lambda j: (abs(j - i), j))[:2]
+        a, b = (poses[j] for j in others)
+        if any(abs(u - v) > floor for u, v in zip(a, b, strict=True)):
+            continue  # the neighbours disagree: the motion is changing here
+        med = [(u + v) / 2 for u, v in zip(a, b, strict=True)]
+        far = [
+            abs(p - m) > max(floor, k_sigma * (s if math.isfinite(s) else 0.0))
+            for p, m, s in zip(poses[i], med, stds[i], strict=True)
+        ]
+        if any(far):
+            r.corrected, r.flagged = False, True
+            r.reason = (
+                f"isolated: differs from its neighbouring shots {others[0]}, {others[1]} (which agree) by "
+                f"more than {k_sigma:g} std and {floor:g} px/deg; not corrected"
+            )
