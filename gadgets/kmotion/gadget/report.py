@@ -136,7 +136,7 @@ class StreamSummary:
         if isinstance(item, ismrmrd.Acquisition):
             self.acquisitions[classify(item)] += 1
         elif isinstance(item, MotionReport):
-            estimated = item.reason != "reference" and all(
+            estimated = not item.reason.startswith("reference") and all(
                 math.isfinite(v) for v in (item.dx_px, item.dy_px, item.rot_deg)
             )
             if estimated:
