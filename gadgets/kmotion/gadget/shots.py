@@ -113,15 +113,17 @@ def _isolated_shots(reports: list[MotionReport], k_sigma: float = 4.0, floor: fl
 
     With a low-resolution reference (a calibration scan) a shot that shares few rows with it can end in a
     wrong pose that still fits better than zero; real motion is piecewise smooth over echo trains, so a
-    single shot far (``k_sigma`` standard errors and ``floor`` px/deg) from the two nearest others, which
-    agree with each other, is not corrected.
+    single shot far (``k_sigma`` standard errors and ``floor`` px/deg) from the shots before and after it,
+    which agree with each other, is not corrected (the first and last shot are not judged).
     """
     poses = [(r.dx_px, r.dy_px, r.rot_deg) if r.corrected else (0.0, 0.0, 0.0) for r in reports]
     stds = [(r.dx_std_px, r.dy_std_px, r.rot_std_deg) for r in reports]
     for i, r in enumerate(reports):
         if not r.corrected or len(reports) < 3:
             continue
-        others = sorted((j for j in range(len(reports)) if j != i), key=lambda j: (abs(j - i), j))[:2]
+        if i == 0 or i == len(reports) - 1:
+            continue  # a first or last shot has neighbours on one side only: a step there is plausible
+        others = [i - 1, i + 1]
         a, b = (poses[j] for j in others)
         if any(abs(u - v) > floor for u, v in zip(a, b, strict=True)):
             continue  # the neighbours disagree: the motion is changing here
