@@ -45,7 +45,7 @@ from kmotion.gadget.params import GadgetParams
 from kmotion.gadget.reference import Reference, SliceWork
 from kmotion.gadget.reference_model import ReferenceModel, build_reference_model
 from kmotion.gadget.report import blank_report
-from kmotion.gadget.shots import estimate_shots
+from kmotion.gadget.shots import EarlyShots, estimate_shots
 from kmotion.physics.validate import InputError
 
 __all__ = [
@@ -152,8 +152,11 @@ def estimate_motion(
     calibration: CalibrationStore,
     noise: NoiseStore,
     device: torch.device,
+    early: EarlyShots | None = None,
 ) -> None:
-    """Estimate every slice of ``work`` that has a reference and no report yet; fill ``w.report``."""
+    """Estimate every slice of ``work`` that has a reference and no report yet; fill ``w.report``.
+
+    ``early``: echo trains already estimated as they ended (the shot model, :class:`EarlyShots`)."""
     todo = [w for w in work if w.report is None and w.reference is not None and w.assembled is not None]
     _network_seeds(todo, estimator, r_net)
     groups: dict[tuple[object, ...], list[SliceWork]] = {}
@@ -169,7 +172,7 @@ def estimate_motion(
         try:
             shots = [w for w in ws if w.shot_rows is not None]
             if shots:
-                estimate_shots(shots, params, device)
+                estimate_shots(shots, params, device, early)
             whole = [w for w in ws if w.shot_rows is None]
             if whole:
                 _fit_group(whole, params, device)

@@ -34,12 +34,12 @@ from kmotion.estimation.network import NetworkEstimator
 from kmotion.gadget.buffer import SliceBatch, SliceBuffer, SliceGeometry, batch_slices
 from kmotion.gadget.calibration import CalibrationStore
 from kmotion.gadget.correct import correct_slices, write_back
-from kmotion.gadget.estimate import estimate_motion, prepare_crops
+from kmotion.gadget.estimate import estimate_motion, prepare_crops, reference_model
 from kmotion.gadget.noise import NoiseStore
 from kmotion.gadget.params import DEFAULT_MODEL, GadgetParams, resolve_device
 from kmotion.gadget.reference import Reference, References, SliceWork, choose_reference
 from kmotion.gadget.report import StreamSummary, blank_report
-from kmotion.gadget.shots import shot_identity, use_shot_model
+from kmotion.gadget.shots import EarlyShots, shot_identity, use_shot_model
 from kmotion.io.ismrmrd_header import LenientHeader, read_header
 from kmotion.physics.validate import InputError
 
@@ -174,8 +174,18 @@ class MotionCorrector:
         self.calibration = CalibrationStore(self.geometry)
         self.noise = NoiseStore()
         self.references = {}
+        self.early = EarlyShots(
+            self.params,
+            self.geometry,
+            self.references,
+            lambda ref, acq: reference_model(
+                ref, self.calibration, self.noise, float(acq.sample_time_us), self.device
+            ),
+            self.device,
+            self.single_repetition,
+        )
         summary = StreamSummary()
-        for out in batch_slices(items, self.header, self.params.batch_slices):
+        for out in batch_slices(self._tap(items), self.header, self.params.batch_slices):
             if isinstance(out, SliceBatch):
                 yield from summary.watch(self._flush(out.buffers))
                 continue
@@ -183,6 +193,15 @@ class MotionCorrector:
             summary.note(out)
             yield out
         summary.end_of_stream()
+
+    def _tap(self, items: Iterable[object]) -> Iterator[object]:
+        """``items`` unchanged; each imaging line is shown to the early per-train estimation first."""
+        for item in items:
+            try:
+                self.early.note(item)
+            except Exception as exc:  # never into the stream
+                log.info("early echo-train estimation skipped: %s: %s", type(exc).__name__, exc)
+            yield item
 
     def _flush(self, buffers: list[SliceBuffer]) -> Iterator[object]:
         """Reference, estimate and correct a batch, then yield each slice's report and acquisitions."""
@@ -250,6 +269,7 @@ class MotionCorrector:
             self.calibration,
             self.noise,
             self.device,
+            getattr(self, "early", None),
         )
 
 

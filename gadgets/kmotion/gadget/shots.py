@@ -21,19 +21,24 @@ from __future__ import annotations
 
 import logging
 import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
+import ismrmrd
 import numpy as np
 import torch
 
-from kmotion.gadget.assemble import line_layout
-from kmotion.gadget.buffer import SliceBuffer
+from kmotion.gadget.assemble import assemble, line_layout
+from kmotion.gadget.buffer import SliceBuffer, SliceGeometry, SliceKey
+from kmotion.gadget.classify import IMAGING, classify
 from kmotion.gadget.decide import report_for
-from kmotion.gadget.fit import fit_slices
+from kmotion.gadget.fit import ShotEstimate, fit_slices
 from kmotion.gadget.params import GadgetParams
-from kmotion.gadget.reference import SliceWork
+from kmotion.gadget.reference import Reference, SliceWork
 from kmotion.gadget.report import MotionReport
 
-__all__ = ["estimate_shots", "shot_identity", "use_shot_model"]
+__all__ = ["EarlyShots", "estimate_shots", "shot_identity", "use_shot_model"]
 
 log = logging.getLogger("kmotion.gadget")
 
@@ -80,12 +85,29 @@ def use_shot_model(params: GadgetParams, single_repetition: bool, n_shots: int) 
     return params.motion_model == "auto" and single_repetition and n_shots > 1
 
 
-def estimate_shots(work: list[SliceWork], params: GadgetParams, device: torch.device) -> None:
+def estimate_shots(
+    work: list[SliceWork], params: GadgetParams, device: torch.device, early: EarlyShots | None = None
+) -> None:
     """Per-shot estimates of slices on one grid with a reference model: ``w.shot_reports`` and the summary
-    ``w.report`` (corrected when any shot is)."""
-    rows = [w.shot_rows for w in work]
-    assert all(r is not None for r in rows)
-    results = fit_slices(work, params, device, [r for r in rows if r is not None])
+    ``w.report`` (corrected when any shot is).  Trains already estimated as they ended (``early``) are not
+    fitted again."""
+    cached: list[dict[int, ShotEstimate]] = []
+    rows: list[np.ndarray] = []
+    for w in work:
+        assert w.shot_rows is not None
+        got = early.take(w.buffer.key, w.shot_rows) if early is not None else {}
+        cached.append(got)
+        r = w.shot_rows.copy()
+        r[np.isin(r, list(got))] = -1
+        rows.append(r)
+    todo = [i for i, r in enumerate(rows) if (r >= 0).any()]
+    fitted: list[list[ShotEstimate]] = [[] for _ in work]
+    if todo:
+        for i, ests in zip(
+            todo, fit_slices([work[i] for i in todo], params, device, [rows[i] for i in todo]), strict=True
+        ):
+            fitted[i] = ests
+    results = [fitted[i] + list(cached[i].values()) for i in range(len(work))]
     for w, ests in zip(work, results, strict=True):
         reports: list[MotionReport] = []
         for est in sorted(ests, key=lambda e: e.shot):
@@ -100,8 +122,16 @@ def estimate_shots(work: list[SliceWork], params: GadgetParams, device: torch.de
         assert w.reference is not None
         ref_rep = w.reference.slice.key.repetition
         summary = MotionReport(
-            w.buffer.key, ref_rep, math.nan, math.nan, math.nan, math.nan, math.nan,
-            (math.nan, math.nan, math.nan), any(r.flagged for r in reports), n_corr > 0,
+            w.buffer.key,
+            ref_rep,
+            math.nan,
+            math.nan,
+            math.nan,
+            math.nan,
+            math.nan,
+            (math.nan, math.nan, math.nan),
+            any(r.flagged for r in reports),
+            n_corr > 0,
             f"per-shot motion: {n_corr} of {len(reports)} shots corrected (shots by {w.shot_rule})",
         )
         summary.method = reports[0].method if reports else ""
@@ -138,3 +168,99 @@ def _isolated_shots(reports: list[MotionReport], k_sigma: float = 4.0, floor: fl
                 f"isolated: differs from its neighbouring shots {others[0]}, {others[1]} (which agree) by "
                 f"more than {k_sigma:g} std and {floor:g} px/deg; not corrected"
             )
+
+
+@dataclass
+class _Train:
+    """The open echo train of a slice group: its lines so far."""
+
+    segment: int
+    lines: list[ismrmrd.Acquisition] = field(default_factory=list)
+
+
+class EarlyShots:
+    """Estimates each echo train as soon as it ends, while its slice group is still being acquired.
+
+    Runs when the shot model applies and a reference repetition of the slice group is complete (its model is
+    built on first use).  An echo train ends when the next line of its slice group carries another
+    ``idx.segment`` or, with constant segments, after ``echoTrainLength`` lines; trains are numbered in
+    arrival order, as :func:`shot_identity` does.  At slice completion :func:`estimate_shots` takes the
+    cached estimates (:meth:`take`) and fits only the trains left; the cache is dropped when its rows differ
+    from the completed slice's shots.  Never raises into the stream (a failure is logged, the train is
+    fitted at completion instead).
+    """
+
+    def __init__(
+        self,
+        params: GadgetParams,
+        geometry: SliceGeometry,
+        references: dict[tuple[int, int, int, int], Reference],
+        model_for: Callable[[Reference, ismrmrd.Acquisition], object],
+        device: torch.device,
+        single_repetition: bool,
+    ) -> None:
+        self.params, self.geometry, self.references = params, geometry, references
+        self.model_for, self.device, self.single_repetition = model_for, device, single_repetition
+        self._open: dict[SliceKey, _Train] = {}
+        self._count: dict[SliceKey, int] = {}
+        self._cache: dict[SliceKey, dict[int, tuple[np.ndarray, ShotEstimate]]] = {}
+        self.n_early = 0
+
+    def _applies(self) -> bool:
+        return self.params.motion_model == "shot" or (
+            self.params.motion_model == "auto" and self.single_repetition
+        )
+
+    def note(self, item: object) -> None:
+        """Observe one input item (before the buffer holds it)."""
+        if not self._applies() or classify(item) != IMAGING:
+            return
+        assert isinstance(item, ismrmrd.Acquisition)
+        i = item.idx
+        key = SliceKey(int(i.slice), int(i.contrast), int(i.phase), int(i.repetition), int(i.set))
+        ref = self.references.get((key.slice, key.contrast, key.phase, key.set))
+        if ref is None or ref.slice.key.repetition == key.repetition:
+            return
+        seg = int(i.segment)
+        train = self._open.get(key)
+        etl = self.geometry.echo_train_length
+        if train is not None and (seg != train.segment or (etl and len(train.lines) >= etl and seg == 0)):
+            self._finish(key, train, ref)
+            train = None
+        if train is None:
+            train = self._open[key] = _Train(seg)
+        train.lines.append(item)
+
+    def _finish(self, key: SliceKey, train: _Train, ref: Reference) -> None:
+        index = self._count.get(key, 0)
+        self._count[key] = index + 1
+        try:
+            t0 = time.perf_counter()
+            buf = SliceBuffer(key, list(train.lines), self.geometry, False)
+            a = assemble(buf, quiet=True)
+            if isinstance(self.model_for(ref, train.lines[0]), str):
+                return
+            w = SliceWork(buf)
+            w.assembled, w.reference = a, ref
+            rows = np.where(a.mask, 0, -1)
+            (est,) = fit_slices([w], self.params, self.device, [rows])[0]
+            est.shot = index
+            self._cache.setdefault(key, {})[index] = (a.mask.copy(), est)
+            self.n_early += 1
+            log.debug(
+                "%s: echo train %d estimated as it ended (%.0f ms)",
+                key.label(),
+                index,
+                1e3 * (time.perf_counter() - t0),
+            )
+        except Exception as exc:  # the train is fitted with its slice instead
+            log.info(
+                "%s: echo train %d not estimated early (%s: %s)", key.label(), index, type(exc).__name__, exc
+            )
+
+    def take(self, key: SliceKey, shot_rows: np.ndarray) -> dict[int, ShotEstimate]:
+        """The cached estimates of ``key`` whose rows are those of the same shot in ``shot_rows``."""
+        self._open.pop(key, None)
+        self._count.pop(key, None)
+        cached = self._cache.pop(key, {})
+        return {s: est for s, (mask, est) in cached.items() if np.array_equal(mask, shot_rows == s)}
