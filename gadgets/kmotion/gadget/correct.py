@@ -230,7 +230,9 @@ def correct_shots(w: SliceWork, params: GadgetParams, device: torch.device) -> N
         x0=None if x0 is None else x0.to(device)[None],
     )
     y_corr = ShotSense(m, masks, motion, a.pixel_spacing_mm).forward_static(x)
-    delta = ((y_corr - y) * samples[None, None])[0].cpu().numpy()
+    moved_rows = torch.from_numpy(np.isin(shot_rows, np.flatnonzero(np.abs(poses).sum(1) > 0))).to(device)
+    keep = samples & moved_rows[:, None]  # the lines of shots left alone keep their data
+    delta = ((y_corr - y) * keep[None, None])[0].cpu().numpy()
     if not np.isfinite(delta).all():
         raise ValueError("non-finite values in the per-shot SENSE correction")
     w.new_data = add_delta(w.buffer, delta)

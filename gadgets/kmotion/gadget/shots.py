@@ -4,9 +4,11 @@ Used when ``GadgetParams.motion_model`` is ``shot`` (or ``auto`` picks it, :func
 ``docs/intra_scan.md``.
 
 * **Shot identity** (:func:`shot_identity`, the rule is logged): ``idx.segment`` when the slice group's lines
-  carry more than one value; otherwise consecutive runs of ``echoTrainLength`` lines in arrival order (the
-  header's encoding); otherwise breaks in ``acquisition_time_stamp`` longer than three times the median
-  step; otherwise one train.  A row acquired twice belongs to its last arrival.
+  carry more than one value; otherwise breaks in ``acquisition_time_stamp`` (steps longer than three times
+  the median step and a quarter of the longest: the pause between trains, not a skipped calibration line);
+  otherwise consecutive runs of ``echoTrainLength`` lines in arrival order (the header's encoding; wrong
+  when calibration-only lines, which the slice does not hold, are read inside the trains); otherwise one
+  train.  A row acquired twice belongs to its last arrival.
 * **Estimation** against the reference's model (:func:`kmotion.gadget.fit.fit_slices` with the shot of
   each row): one pose, standard errors and likelihood-ratio statistic per shot; the do-no-harm rule
   (:func:`kmotion.gadget.decide.decide`) per shot.  A shot whose motion is not significant keeps pose 0.
@@ -55,18 +57,18 @@ def shot_identity(buffer: SliceBuffer) -> tuple[np.ndarray, str]:
     segments = [int(a.idx.segment) for a in acqs]
     etl = buffer.geometry.echo_train_length
     stamps = np.array([int(a.acquisition_time_stamp) for a in acqs], dtype=np.int64)
+    steps = np.diff(stamps)
+    med = float(np.median(steps)) if steps.size else 0.0
+    breaks = (steps > _TIME_GAP * med) & (steps > 0.25 * steps.max()) if med > 0 else np.zeros(0, bool)
     if len(set(segments)) > 1:
         ids, rule = segments, "idx.segment"
+    elif bool(breaks.any()):
+        ids = np.concatenate([[0], np.cumsum(breaks)]).tolist()
+        rule = "time stamps"
     elif etl is not None and 0 < etl < len(acqs):
         ids, rule = [i // etl for i in range(len(acqs))], f"echoTrainLength {etl} and arrival order"
     else:
-        steps = np.diff(stamps)
-        med = float(np.median(steps)) if steps.size else 0.0
-        if med > 0 and bool((steps > _TIME_GAP * med).any()):
-            ids = np.concatenate([[0], np.cumsum(steps > _TIME_GAP * med)]).tolist()
-            rule = "time stamps"
-        else:
-            ids, rule = [0] * len(acqs), "one echo train"
+        ids, rule = [0] * len(acqs), "one echo train"
     order: dict[int, int] = {}
     for i in ids:
         order.setdefault(int(i), len(order))
