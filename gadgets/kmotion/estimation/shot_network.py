@@ -165,6 +165,17 @@ def shot_inputs(
     return torch.cat([x, m[:, None, :, None].expand(p, 1, s_y, s_x)], 1)
 
 
+def _central_rows(x: torch.Tensor, s_y: int) -> torch.Tensor:
+    """The central ``s_y`` rows of ``(..., n_rows, n_kx)`` (row ``n_rows // 2`` to row ``s_y // 2``); with
+    fewer rows, zero rows are added (k-space beyond the data's is empty)."""
+    n_rows = x.shape[-2]
+    if n_rows < s_y:
+        lo = s_y // 2 - n_rows // 2
+        return torch.nn.functional.pad(x, (0, 0, lo, s_y - n_rows - lo))
+    r0 = n_rows // 2 - s_y // 2
+    return x[..., r0 : r0 + s_y, :]
+
+
 def crop_shot_grid(
     reference: torch.Tensor,
     shots: torch.Tensor,
@@ -175,18 +186,11 @@ def crop_shot_grid(
     """Bring ``(P, n_coils, n_rows, n_kx)`` reference/shot k-space (row ``n_rows // 2`` the centre, every row,
     all readout samples) and ``(P, n_rows)`` masks to the network's crop (fewer rows than the crop: zero rows
     are added).  Returns the crops, the cropped masks and the mm per network pixel ``(y, x)``."""
-    n_rows = reference.shape[-2]
     s_y = grid.crop[0]
-    if n_rows < s_y:  # rows beyond the data's k-space are empty
-        lo = s_y // 2 - n_rows // 2
-        pad_k = (0, 0, lo, s_y - n_rows - lo)
-        reference = torch.nn.functional.pad(reference, pad_k)
-        shots = torch.nn.functional.pad(shots, pad_k)
-        masks = torch.nn.functional.pad(masks.to(torch.float32), (lo, s_y - n_rows - lo))
-        n_rows = s_y
+    reference, shots = _central_rows(reference, s_y), _central_rows(shots, s_y)
+    m = _central_rows(masks.to(torch.float32)[:, :, None], s_y)[:, :, 0]
     ref_n, shot_n, gmap = to_network_grid(reference, shots, fov_mm, grid.matrix, grid.crop)
-    r0 = n_rows // 2 - s_y // 2
-    return ref_n, shot_n, masks[:, r0 : r0 + s_y].to(torch.float32), gmap.mm_per_net_px
+    return ref_n, shot_n, m, gmap.mm_per_net_px
 
 
 @dataclass
@@ -301,9 +305,8 @@ class ShotNetworkEstimator:
             raise InputError(
                 f"estimate: slice_index must be ({p},) in [0, {len(reference)}), got {slice_index}"
             )
-        ref_n, shot_n, mask_n, mm = crop_shot_grid(
-            reference[slice_index.cpu()], shots, masks, fov_mm, self.grid
-        )
+        ref_rows = _central_rows(reference, self.grid.crop[0])[slice_index.cpu()]
+        ref_n, shot_n, mask_n, mm = crop_shot_grid(ref_rows, shots, masks, fov_mm, self.grid)
         x = shot_inputs(
             ref_n.to(self.device), shot_n.to(self.device), mask_n.to(self.device), self.grid.n_virtual
         )
