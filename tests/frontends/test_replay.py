@@ -211,9 +211,10 @@ needs_cpp_tools = pytest.mark.skipif(
 )
 
 
-def _cpp(*args: str) -> str:
-    """Run an ISMRMRD C++ tool; its stdout (a failure shows the tool's stderr)."""
-    r = subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
+def _cpp(*args: str, cwd: Path | None = None) -> str:
+    """Run an ISMRMRD C++ tool (in ``cwd``: some write files there); its stdout (a failure shows the tool's
+    stderr)."""
+    r = subprocess.run(args, capture_output=True, text=True, timeout=120, check=False, cwd=cwd)
     assert r.returncode == 0, f"{args[0]} exit {r.returncode}: {r.stderr[-2000:]}"
     return r.stdout
 
@@ -238,7 +239,7 @@ def test_cpp_ismrmrd_tools_read_the_replay_output(replayed: dict[str, Path], tmp
     xml = tmp_path / "header.xml"
     with h5py.File(replayed["out"], "r") as f:
         xml.write_bytes(f["dataset/xml"][0])
-    _cpp("ismrmrd_test_xml", str(xml))
+    _cpp("ismrmrd_test_xml", str(xml), cwd=tmp_path)  # it writes raw.xml / processed.xml where it runs
 
 
 @needs_cpp_tools
