@@ -57,6 +57,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -446,9 +447,25 @@ def _fmt(v: float, digits: int = 3) -> str:
     return "–" if not math.isfinite(v) else f"{v:.{digits}f}"
 
 
+def _commit() -> str:
+    """The repository's commit (``git describe --always --dirty``), or ``unknown``."""
+    try:
+        got = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return got.stdout.strip() or "unknown"
+
+
 def machine_line(threads: int, device: str) -> str:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
     line = (
+        f"commit {_commit()}, {time.strftime('%Y-%m-%d %H:%M')}; "
         f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPU cores (shared machine, load "
         f"average {load:.1f} at the start), torch threads {threads}, device {device}"
     )
