@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from kmotion.simulation.multishot import shot_kspace, shot_sampling
 from kmotion.simulation.phantoms import coil_maps_from_coefficients, make_coil_coefficients, make_phantoms
 from kmotion.simulation.study import compress_coils
 from model_training.shot_study import ShotStudyConfig, draw_masks, simulate_batch, simulate_crops
-from model_training.shot_train import ShotTrainConfig, train_shots
+from model_training.shot_train import ShotTrainConfig, default_net, train_shots
 
 TINY = ShotGrid(matrix=(64, 64), crop=(32, 16), n_virtual=1)
 
@@ -176,7 +177,7 @@ def test_drawn_shots_are_shots_of_their_acquisitions() -> None:
 def test_training_smoke(tmp_path: Path) -> None:
     cfg = ShotTrainConfig(
         study=ShotStudyConfig(grid=TINY, n_coils=4, sim_matrix=56, echo_train_lengths=(4, 8)),
-        net={"n_conv": 2, "kernel_size": 3, "max_channels": 8, "min_size": 4},
+        net=replace(default_net(), n_conv=2, kernel_size=3, max_channels=8, min_size=4),
         pool=256,
         n_train=256,
         n_val=64,
