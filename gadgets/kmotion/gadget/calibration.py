@@ -26,6 +26,7 @@ from kmotion.physics.sense import calibration_block, coil_maps_lowres
 from kmotion.physics.validate import InputError
 
 __all__ = [
+    "MAX_CALIBRATION_ROWS",
     "MIN_CALIBRATION_ROWS",
     "POSITION_TOLERANCE_MM",
     "CalibrationStore",
@@ -37,6 +38,12 @@ __all__ = [
 log = logging.getLogger("kmotion.gadget")
 
 MIN_CALIBRATION_ROWS = 8
+
+MAX_CALIBRATION_ROWS = 32
+"""Most centre rows the coil maps are made from.  Maps from a fully sampled slice at full resolution would
+carry the object's edges, phase and noise (the coil images divided by their RSS); those do not move with the
+object, so every motion estimate against such maps is biased (a motion-free slice at R = 1 came out at
++-1 deg, corrected).  32 rows: the resolution of usual calibration scans."""
 """Fewest consecutive fully sampled centre rows from which coil maps are estimated."""
 
 POSITION_TOLERANCE_MM = 0.1
@@ -216,5 +223,8 @@ def coil_maps_for(ref: AssembledSlice, store: CalibrationStore, device: torch.de
     n_c = kspace.shape[0]
     if n_c < ref.acceleration:
         return f"ill-posed: {n_c} coils for acceleration {ref.acceleration}"
+    centre = kspace.shape[1] // 2  # at most MAX_CALIBRATION_ROWS: coil maps are smooth, the object is not
+    half = MAX_CALIBRATION_ROWS // 2
+    rows = (max(rows[0], centre - half), min(rows[1], centre + half))
     aspect = ref.fov_mm[1] / ref.fov_mm[0]  # same k-extent in cycles/mm along x as the row block
     return coil_maps_lowres(torch.from_numpy(kspace).to(device), rows, aspect=aspect)
