@@ -63,17 +63,19 @@ JOINT_COIL_RATIO = 4.0
 
 
 def _merge(fit: ShotFit, refined: dict[int, ShotFit]) -> ShotFit:
-    """``fit`` with the rows of ``refined`` (problem index -> a one-problem fit) replaced."""
-    names: tuple[str, ...] = ("motion", "std", "rss", "rss_zero", "n_samples", "hessian", "statistic")
-    names += ("noise_var", "ambiguous")
+    """``fit`` with the poses of ``refined`` (problem index -> a one-problem fit).
+
+    Only the pose (and the larger standard errors) come from the refinement: its image was reconstructed
+    from the moved data too, so its residuals cannot test "no motion"; the statistic, the residual and the
+    noise variance stay those of the fit against the reference's own image (whose pull towards zero makes
+    that test conservative).
+    """
     out = copy.copy(fit)
-    for name in names:
-        setattr(out, name, getattr(fit, name).clone())
-    if fit.phase is not None:
-        out.phase = fit.phase.clone()
+    out.motion, out.std = fit.motion.clone(), fit.std.clone()
+    out.phase = None if fit.phase is None else fit.phase.clone()
     for q, f in refined.items():
-        for name in names:
-            getattr(out, name)[q] = getattr(f, name)[0]
+        out.motion[q] = f.motion[0]
+        out.std[q] = torch.maximum(fit.std[q], f.std[0])
         if out.phase is not None and f.phase is not None:
             out.phase[q] = f.phase[0]
     return out
