@@ -46,6 +46,7 @@ from kmotion.gadget.reference import Reference, SliceWork
 from kmotion.gadget.reference_model import ReferenceModel, build_reference_model
 from kmotion.gadget.report import blank_report
 from kmotion.gadget.shots import EarlyShots, estimate_shots
+from kmotion.physics.fft import ifft2c
 from kmotion.physics.validate import InputError
 
 __all__ = [
@@ -63,6 +64,7 @@ log = logging.getLogger("kmotion.gadget")
 
 _REFINE_ROWS = 128
 """Acquired rows about the centre given to the network's estimator when the data hold them."""
+
 
 def crop_rows(
     ref: AssembledSlice, mov: AssembledSlice, net_crop: tuple[int, int], r_net: int
@@ -190,18 +192,18 @@ def _fit_group(ws: list[SliceWork], params: GadgetParams, device: torch.device) 
 
 
 def _translation_only(w: SliceWork, why: str, params: GadgetParams, noise: NoiseStore) -> None:
-    """No coil maps: the network's estimate, tested with the translation-only ramp model (2 dof)."""
+    """No coil maps: the translation by phase correlation of the slice with the reference on the samples both
+    hold (any shift within the capture range), tested with the translation-only ramp model ``y = ramp(t)
+    y_ref`` (2 dof); the network's rotation, when it gave one, is reported but not corrected."""
     assert w.assembled is not None and w.reference is not None
     a, r = w.assembled, w.reference.slice
-    if w.seed is None:
-        w.report = blank_report(w.buffer.key, r.key.repetition, f"not estimated: {why}; {w.network_note}")
-        return
-    dx, dy, phi = (float(v) for v in w.seed.tolist())
     white, nv, source = _noise_var(w, noise, a.kspace.shape[0])
     y = apply_whitening(white, torch.from_numpy(a.kspace), 0)
     yr = apply_whitening(white, torch.from_numpy(r.kspace), 0)
     common = torch.from_numpy(a.samples() & r.samples())
     n_ky, n_kx = a.kspace.shape[1:]
+    dx, dy = _phase_correlation(y, yr, common, params, a.pixel_spacing_mm)
+    phi = float(w.seed[2]) if w.seed is not None else 0.0
     ky = (torch.arange(n_ky) - n_ky // 2).double()[:, None] / n_ky
     kx = (torch.arange(n_kx) - n_kx // 2).double()[None, :] / n_kx
     ramp = torch.polar(torch.ones(n_ky, n_kx, dtype=torch.float64), -2 * math.pi * (kx * dx + ky * dy))
@@ -211,8 +213,38 @@ def _translation_only(w: SliceWork, why: str, params: GadgetParams, noise: Noise
     var = max(2 * nv if math.isfinite(nv) else 0.0, rss1 / n_common)  # both data sets' noise in the residual
     chi2 = 2 * (rss0 - rss1) / var if var > 0 else math.nan
     nan3 = (math.nan, math.nan, math.nan)
-    method = f"network only, translation test; noise: {source}"
+    method = f"phase correlation, translation test; noise: {source}"
     rep = report_for(w, (dx, dy, phi), nan3, chi2, 2, params, method)
     if rep.corrected:
         rep.reason = f"translation only: {why}" + (f"; {rep.reason}" if rep.reason else "")
     w.report = rep
+
+
+def _phase_correlation(
+    y: torch.Tensor,
+    yr: torch.Tensor,
+    common: torch.Tensor,
+    params: GadgetParams,
+    spacing: tuple[float, float],
+) -> tuple[float, float]:
+    """``(dx_px, dy_px)`` maximising ``Re sum_c y conj(ramp(t) y_ref)`` on ``common`` samples: one inverse FFT
+    of the coil-summed cross-spectrum, the peak within the capture range, refined by a parabola."""
+    cross = (y * yr.conj() * common).sum(0)
+    n_ky, n_kx = cross.shape
+    corr = ifft2c(cross).real.double()
+    yy = (torch.arange(n_ky) - n_ky // 2).double()[:, None]
+    xx = (torch.arange(n_kx) - n_kx // 2).double()[None, :]
+    inside = (yy.abs() * spacing[0] <= params.max_translation_mm) & (
+        xx.abs() * spacing[1] <= params.max_translation_mm
+    )
+    corr = corr.masked_fill(~inside, -math.inf)
+    iy, ix = divmod(int(corr.argmax()), n_kx)
+
+    def vertex(lo: float, mid: float, hi: float) -> float:
+        den = lo - 2 * mid + hi
+        return 0.5 * (lo - hi) / den if math.isfinite(lo) and math.isfinite(hi) and den < 0 else 0.0
+
+    c = corr
+    oy = vertex(float(c[(iy - 1) % n_ky, ix]), float(c[iy, ix]), float(c[(iy + 1) % n_ky, ix]))
+    ox = vertex(float(c[iy, (ix - 1) % n_kx]), float(c[iy, ix]), float(c[iy, (ix + 1) % n_kx]))
+    return ix - n_kx // 2 + max(-0.5, min(0.5, ox)), iy - n_ky // 2 + max(-0.5, min(0.5, oy))
