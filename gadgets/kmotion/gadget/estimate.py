@@ -194,7 +194,7 @@ def _fit_group(ws: list[SliceWork], params: GadgetParams, device: torch.device) 
 def _translation_only(w: SliceWork, why: str, params: GadgetParams, noise: NoiseStore) -> None:
     """No coil maps: the translation by phase correlation of the slice with the reference on the samples both
     hold (any shift within the capture range), tested with the translation-only ramp model ``y = ramp(t)
-    y_ref`` (2 dof); the network's rotation, when it gave one, is reported but not corrected."""
+    y_ref`` (2 dof); the rotation is not estimated (NaN in the report)."""
     assert w.assembled is not None and w.reference is not None
     a, r = w.assembled, w.reference.slice
     white, nv, source = _noise_var(w, noise, a.kspace.shape[0])
@@ -203,7 +203,6 @@ def _translation_only(w: SliceWork, why: str, params: GadgetParams, noise: Noise
     common = torch.from_numpy(a.samples() & r.samples())
     n_ky, n_kx = a.kspace.shape[1:]
     dx, dy = _phase_correlation(y, yr, common, params, a.pixel_spacing_mm)
-    phi = float(w.seed[2]) if w.seed is not None else 0.0
     ky = (torch.arange(n_ky) - n_ky // 2).double()[:, None] / n_ky
     kx = (torch.arange(n_kx) - n_kx // 2).double()[None, :] / n_kx
     ramp = torch.polar(torch.ones(n_ky, n_kx, dtype=torch.float64), -2 * math.pi * (kx * dx + ky * dy))
@@ -213,8 +212,9 @@ def _translation_only(w: SliceWork, why: str, params: GadgetParams, noise: Noise
     var = max(2 * nv if math.isfinite(nv) else 0.0, rss1 / n_common)  # both data sets' noise in the residual
     chi2 = 2 * (rss0 - rss1) / var if var > 0 else math.nan
     nan3 = (math.nan, math.nan, math.nan)
-    method = f"phase correlation, translation test; noise: {source}"
-    rep = report_for(w, (dx, dy, phi), nan3, chi2, 2, params, method)
+    method = f"phase correlation, translation test (no rotation without coil maps); noise: {source}"
+    rep = report_for(w, (dx, dy, 0.0), nan3, chi2, 2, params, method)
+    rep.rot_deg = math.nan
     if rep.corrected:
         rep.reason = f"translation only: {why}" + (f"; {rep.reason}" if rep.reason else "")
     w.report = rep
