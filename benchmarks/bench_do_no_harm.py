@@ -22,7 +22,7 @@ it, and the reasons of the slices not corrected.  ``--csv`` writes one row per s
 standard errors, test, decision).
 
     .venv/bin/python benchmarks/bench_do_no_harm.py [--quick] [--matrix 128] [--repeats 6] [--out F.md]
-        [--csv F.csv] [--threads 1]
+        [--csv F.csv] [--threads 1] [--jobs 2]
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ import subprocess
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
@@ -107,6 +109,21 @@ def run_setting(
     out = MotionCorrector(raw.header, GadgetParams(device="cpu"))(raw.items)
     reps = [o for o in out if isinstance(o, MotionReport) and o.key.repetition > 0]
     return sorted(reps, key=lambda r: r.key.repetition)
+
+
+def run_part(setting: tuple[str, int, int, int, float, int, int, int]) -> list[Row]:
+    """The rows of one setting ``(object, matrix, coils, R, SNR, seed, repeats, threads)``: its three parts
+    (motion-free, small motion, capture range) drawn from ``seed``."""
+    kind, n, coils, accel, snr, seed, repeats, threads = setting
+    torch.set_num_threads(threads)
+    spacing = FOV / n
+    rng = np.random.default_rng(seed)
+    parts = {p: draw(p, repeats, rng, spacing) for p in ("free", "small", "range")}
+    out: list[Row] = []
+    for part, m in parts.items():
+        reps = run_setting(kind, n, coils, accel, snr, m, seed)
+        out += records(kind, coils, accel, snr, part, m, reps, spacing)
+    return out
 
 
 def draw(kind: str, n_rep: int, rng: np.random.Generator, spacing: float) -> np.ndarray:
@@ -314,20 +331,21 @@ def main() -> None:
     ap.add_argument("--matrix", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=6, help="moved repetitions per setting and part")
     ap.add_argument("--quick", action="store_true", help="a few settings only")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    ap.add_argument("--jobs", type=int, default=1, help="settings run in parallel processes (same results)")
     ap.add_argument("--out", type=Path, default=None, help="also write the tables (markdown) here")
     ap.add_argument("--csv", type=Path, default=None, help="also write one row per slice here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     n = args.matrix
-    spacing = FOV / n
     kinds = ["shepp_logan", "head"] if shepp_logan(16) is not None else ["head"]
     coils_list, r_list, snr_list = [1, 8, 32], [1, 2, 3, 4], [5.0, 10.0, 20.0, 50.0]
     if args.quick:
         coils_list, r_list, snr_list = [8], [2], [10.0, 50.0]
     lines = [
         f"# bench_do_no_harm: matrix {n}, FOV {FOV:g} mm, {args.repeats} repetitions per part; "
-        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s)",
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s) "
+        f"x {args.jobs} process(es)",
         "",
         "| object | coils | R | SNR | motion-free changed | largest applied (px, deg) "
         "| detected (>= 0.5 mm/deg) | MAE dx, dy [mm], phi [deg] over +-20 mm/+-15 deg "
@@ -337,22 +355,21 @@ def main() -> None:
     print("\n".join(lines), flush=True)
     rows: list[Row] = []
     t0 = time.perf_counter()
+    settings = []
     seed = 0
     for kind in kinds:
         for coils in coils_list:
             for accel in r_list:
                 for snr in snr_list:
                     seed += 10
-                    rng = np.random.default_rng(seed)
-                    parts = {p: draw(p, args.repeats, rng, spacing) for p in ("free", "small", "range")}
-                    setting = []
-                    for part, m in parts.items():
-                        reps = run_setting(kind, n, coils, accel, snr, m, seed)
-                        setting += records(kind, coils, accel, snr, part, m, reps, spacing)
-                    rows += setting
-                    row = table_row(kind, coils, accel, snr, setting)
-                    print(row, flush=True)
-                    lines.append(row)
+                    settings.append((kind, n, coils, accel, snr, seed, args.repeats, args.threads))
+    with ProcessPoolExecutor(args.jobs) if args.jobs > 1 else nullcontext() as pool:
+        results = pool.map(run_part, settings) if pool is not None else map(run_part, settings)
+        for (kind, _, coils, accel, snr, _, _, _), setting in zip(settings, results, strict=True):
+            rows += setting
+            row = table_row(kind, coils, accel, snr, setting)
+            print(row, flush=True)
+            lines.append(row)
     lines += summary(rows)
     lines.append("")
     lines.append(f"{len(rows)} slices in {time.perf_counter() - t0:.0f} s.")

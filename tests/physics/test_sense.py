@@ -13,6 +13,7 @@ from kmotion.physics.sense import (
     coil_maps_lowres,
     conjugate_gradient,
     sense_reconstruct,
+    snr_limited_halfwidth,
 )
 from kmotion.simulation.phantoms import coil_maps_from_coefficients, make_coil_coefficients, make_phantoms
 
@@ -90,6 +91,24 @@ def test_coil_maps_from_calibration_match_true_maps_up_to_one_phase_and_rss() ->
     assert float(maps.abs().square().sum(0).sqrt()[support].mean()) == pytest.approx(1.0, abs=0.05)
     with pytest.raises(InputError, match="fully sampled rows"):
         coil_maps_lowres(k, (N_Y // 2, N_Y // 2 + 1))
+
+
+def test_snr_limited_halfwidth_keeps_every_row_without_noise_and_drops_the_noisy_ones() -> None:
+    n = 128
+    f = make_phantoms(1, (n, n), (220.0, 220.0), generator=5)
+    c = _coils(n, n, 8)
+    k = fft2c(c * f[:, None])[0]
+    rows = (n // 2 - 16, n // 2 + 16)
+    assert snr_limited_halfwidth(k, rows) == 15  # noise-free: the whole block (half = min(16, 15))
+    gen = torch.Generator().manual_seed(0)
+    scale = float(k.abs().square().mean().sqrt())
+    widths = []
+    for rel in (0.05, 0.5, 5.0):  # noise std relative to the RMS of the k-space samples
+        z = torch.complex(torch.randn(k.shape, generator=gen), torch.randn(k.shape, generator=gen))
+        widths.append(snr_limited_halfwidth(k + z * (rel * scale / 2**0.5), rows))
+    assert widths[0] >= widths[1] >= widths[2]  # more noise, fewer rows
+    assert widths[2] < 15 and widths[2] >= 4  # never below min_half
+    assert snr_limited_halfwidth(k, (n // 2 - 3, n // 2 + 4)) == 3  # a block no wider than min_half: as it is
 
 
 def test_true_motion_correction_in_the_forward_model() -> None:

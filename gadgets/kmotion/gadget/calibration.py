@@ -22,7 +22,7 @@ import torch
 from kmotion.gadget.assemble import AssembledSlice, assemble
 from kmotion.gadget.buffer import SliceBuffer, SliceGeometry
 from kmotion.gadget.classify import is_calibration_only
-from kmotion.physics.sense import calibration_block, coil_maps_lowres
+from kmotion.physics.sense import calibration_block, coil_maps_lowres, snr_limited_halfwidth
 from kmotion.physics.validate import InputError
 
 __all__ = [
@@ -38,13 +38,14 @@ __all__ = [
 log = logging.getLogger("kmotion.gadget")
 
 MIN_CALIBRATION_ROWS = 8
+"""Fewest consecutive fully sampled centre rows from which coil maps are estimated."""
 
 MAX_CALIBRATION_ROWS = 32
 """Most centre rows the coil maps are made from.  Maps from a fully sampled slice at full resolution would
 carry the object's edges, phase and noise (the coil images divided by their RSS); those do not move with the
 object, so every motion estimate against such maps is biased (a motion-free slice at R = 1 came out at
-+-1 deg, corrected).  32 rows: the resolution of usual calibration scans."""
-"""Fewest consecutive fully sampled centre rows from which coil maps are estimated."""
++-1 deg, corrected).  32 rows: the resolution of usual calibration scans.  Fewer where the outer calibration
+rows hold more noise than signal (:func:`kmotion.physics.sense.snr_limited_halfwidth`)."""
 
 POSITION_TOLERANCE_MM = 0.1
 """Largest difference of slice position [mm] (and of direction cosines, x 1e-2) between calibration lines and
@@ -227,4 +228,15 @@ def coil_maps_for(ref: AssembledSlice, store: CalibrationStore, device: torch.de
     half = MAX_CALIBRATION_ROWS // 2
     rows = (max(rows[0], centre - half), min(rows[1], centre + half))
     aspect = ref.fov_mm[1] / ref.fov_mm[0]  # same k-extent in cycles/mm along x as the row block
-    return coil_maps_lowres(torch.from_numpy(kspace).to(device), rows, aspect=aspect)
+    k = torch.from_numpy(kspace).to(device)
+    h = snr_limited_halfwidth(k, rows, aspect, MIN_CALIBRATION_ROWS // 2)
+    if h < min(centre - rows[0], rows[1] - 1 - centre):
+        log.info(
+            "slice %s: coil maps from the %d centre rows whose k-space holds more signal than noise "
+            "(of %d calibration rows)",
+            tuple(ref.key),
+            2 * h + 1,
+            rows[1] - rows[0],
+        )
+        rows = (centre - h, centre + h + 1)
+    return coil_maps_lowres(k, rows, aspect=aspect)

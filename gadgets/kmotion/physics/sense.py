@@ -33,6 +33,7 @@ __all__ = [
     "coil_maps_lowres",
     "conjugate_gradient",
     "sense_reconstruct",
+    "snr_limited_halfwidth",
 ]
 
 Spacing = tuple[float, float]
@@ -54,6 +55,73 @@ def calibration_block(mask: torch.Tensor | np.ndarray) -> tuple[int, int]:
     while hi < m.size and m[hi]:
         hi += 1
     return lo, hi
+
+
+def snr_limited_halfwidth(
+    kspace: torch.Tensor,
+    rows: tuple[int, int],
+    aspect: float = 1.0,
+    min_half: int = 4,
+    ratio: float = 10.0,
+) -> int:
+    """Half-width (rows about the centre) of the calibration block whose k-space holds more signal than noise.
+
+    Coil maps are the low-resolution coil images divided by their RSS: calibration rows where the data are
+    mostly noise add noise to the maps and nothing else.  That noise is the reference's own, so it matches
+    the reference image at its pose only, and a registration against such maps prefers a pose away from it
+    (a motion-free 128^2 head phantom with 32 coils at SNR 5 and maps from 32 rows came out at +-2.7 deg,
+    chi2 ~130).  The power per coil sample ``P(r)`` in rings of radius ``r`` (in rows; the readout scaled by
+    ``1 / aspect``) over the block, and the noise variance ``sigma^2`` bounded by the weakest ring of the
+    block's outer half (the radial spectrum floor), give the largest ``h`` with ``P(r) >= ratio * sigma^2``
+    (signal at least ``ratio - 1`` times the noise: a Wiener weight of 0.9 at the default) for every
+    ``r <= h``.
+
+    Parameters
+    ----------
+    kspace
+        ``(n_coils, n_ky, n_kx)``, rows ``rows[0]:rows[1]`` fully sampled about the centre row ``n_ky // 2``.
+    rows
+        ``[lo, hi)`` of the block (:func:`calibration_block`).
+    aspect
+        ``FOV_x / FOV_y``.
+    min_half, ratio
+        Smallest half-width returned; the power ratio to the noise floor a ring must reach.
+
+    Returns
+    -------
+    int
+        ``h`` between ``min(min_half, half)`` and ``half = min(c - lo, hi - 1 - c)``; ``half`` for noise-free
+        data.
+    """
+    n_ky, n_kx = kspace.shape[-2:]
+    c_y, c_x = n_ky // 2, n_kx // 2
+    half = min(c_y - rows[0], rows[1] - 1 - c_y)
+    if half <= min_half:
+        return max(half, 0)
+    block = kspace[..., rows[0] : rows[1], :]
+    ky = torch.arange(rows[0], rows[1], device=kspace.device, dtype=torch.float64) - c_y
+    kx = (torch.arange(n_kx, device=kspace.device, dtype=torch.float64) - c_x) / aspect
+    ring = torch.sqrt(ky[:, None] ** 2 + kx[None, :] ** 2).round().long()
+    power = block.abs().square().double().mean(0)
+    n_rings = int(ring.max()) + 1
+    num = torch.zeros(n_rings, dtype=torch.float64, device=kspace.device).scatter_add_(
+        0, ring.flatten(), power.flatten()
+    )
+    cnt = torch.zeros(n_rings, dtype=torch.float64, device=kspace.device).scatter_add_(
+        0, ring.flatten(), torch.ones_like(power.flatten())
+    )
+    p = num / cnt.clamp_min(1)
+    outer = torch.arange(n_rings, device=kspace.device) >= n_rings // 2
+    outer &= cnt > 0
+    if not bool(outer.any()):
+        return half
+    floor = float(p[outer].min())
+    h = 0
+    for r in range(1, half + 1):
+        if float(p[r]) < ratio * floor:
+            break
+        h = r
+    return max(h, min_half)
 
 
 def coil_maps_lowres(
