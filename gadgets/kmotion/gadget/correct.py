@@ -226,7 +226,13 @@ def correct_shots(w: SliceWork, params: GadgetParams, device: torch.device) -> N
     model = w.reference.model
     x0 = getattr(model, "image", None)  # the reference image (object pose): a warm start
     x = sense_reconstruct_shots(
-        y_v, m_v, masks, motion, a.pixel_spacing_mm, params.sense_iterations, SENSE_LAMBDA,
+        y_v,
+        m_v,
+        masks,
+        motion,
+        a.pixel_spacing_mm,
+        params.sense_iterations,
+        SENSE_LAMBDA,
         x0=None if x0 is None else x0.to(device)[None],
     )
     y_corr = ShotSense(m, masks, motion, a.pixel_spacing_mm).forward_static(x)
