@@ -422,6 +422,7 @@ def _run_replay(args: argparse.Namespace) -> int:
         output=args.output,
         min_correction=args.min_correction,
         reference_repetition=args.reference_repetition,
+        motion_model=args.motion_model,
     )
     res = replay(
         args.input,
@@ -466,6 +467,13 @@ def _replay_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--output", default="cartesian", choices=("cartesian", "trajectory"))
     r.add_argument("--min-correction", type=float, default=0.1, help="skip smaller corrections [px, deg]")
     r.add_argument("--reference-repetition", type=int, default=None, help="default: first complete one")
+    r.add_argument(
+        "--motion-model",
+        default="auto",
+        choices=("auto", "repetition", "shot"),
+        help="one pose per slice group or per echo train (auto: per echo train when the scan has one "
+        "repetition and a slice group holds several trains; docs/intra_scan.md)",
+    )
     r.add_argument("--dataset", default="dataset", help="ISMRMRD group in the file")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--threads", type=int, default=1, help=_THREADS_HELP)
@@ -483,6 +491,7 @@ def _gadget_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--output", default=None, help="cartesian | trajectory")
     g.add_argument("--min-correction", default=None, help="skip smaller corrections (px / degrees)")
     g.add_argument("--reference-repetition", default=None, help="reference repetition (default: first)")
+    g.add_argument("--motion-model", default=None, help="auto | repetition | shot (docs/intra_scan.md)")
     g.add_argument("--batch-slices", default=None, help="slices estimated together")
     g.add_argument("--sense-iterations", default=None, help="iterations of the Cartesian correction")
     g.add_argument(

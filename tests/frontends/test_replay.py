@@ -326,3 +326,29 @@ def test_replay_bad_mrd2_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     err = capsys.readouterr().err
     assert "cut.mrd" in err and "MRD v2" in err and "Traceback" not in err
     assert not (tmp_path / "o.mrd").exists()
+
+
+def test_replay_motion_model_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--motion-model``: with a motion-free reference repetition ``auto`` registers the whole repetition
+    (one row per slice); ``shot`` gives one pose per echo train (CSV ``shot`` 0..n-1 after the slice's
+    summary row -1); a wrong value is refused by the parser (exit 2)."""
+    raw = tmp_path / "intra.h5"
+    sim = ["simulate-raw", str(raw), "--intra-scan", "--matrix", "64", "64", "--coils", "4", "--slices", "1"]
+    assert main([*sim, "--etl", "8", "--ordering", "interleaved", "--reference-repetitions", "1"]) == 0
+    shots_per_slice = []
+    for model in ("auto", "shot"):
+        csv_path = tmp_path / f"{model}.csv"
+        out = str(tmp_path / f"{model}.h5")
+        opts = ["--motion-model", model, "--no-progress", "--motion-csv", str(csv_path)]
+        rc = main(["replay", str(raw), out, *opts])
+        assert rc == 0
+        with csv_path.open() as f:
+            rows = [r for r in csv.DictReader(f) if r["repetition"] == "1"]
+        shots_per_slice.append(sorted(int(r["shot"]) for r in rows))
+    assert shots_per_slice[0] == [-1]
+    assert shots_per_slice[1][0] == -1 and shots_per_slice[1][1:] == list(range(len(shots_per_slice[1]) - 1))
+    assert len(shots_per_slice[1]) > 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["replay", str(raw), str(tmp_path / "x.h5"), "--motion-model", "train"])
+    assert exc.value.code == 2

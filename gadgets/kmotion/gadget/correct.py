@@ -93,7 +93,8 @@ def correct_by_ramp(w: SliceWork, output: str, calibration: CalibrationStore, de
     if isinstance(ref.maps, str):
         lines = ramp_lines(w.buffer, n_ky, rep.dx_px, rep.dy_px)
         w.new_data = [(acq, data) for acq, data, _, _ in lines]
-        rep.reason = f"translation only: {ref.maps}" + (f"; {rep.reason}" if rep.reason else "")
+        if not rep.reason.startswith("translation only"):  # the estimation stage may have said it already
+            rep.reason = f"translation only: {ref.maps}" + (f"; {rep.reason}" if rep.reason else "")
         log.warning("slice %s: rotation not corrected, %s", tuple(a.key), ref.maps)
         return False
     return True

@@ -136,8 +136,9 @@ class StreamSummary:
         if isinstance(item, ismrmrd.Acquisition):
             self.acquisitions[classify(item)] += 1
         elif isinstance(item, MotionReport):
-            estimated = not item.reason.startswith("reference") and all(
-                math.isfinite(v) for v in (item.dx_px, item.dy_px, item.rot_deg)
+            # a translation-only estimate (no coil maps) has no rotation (NaN) but was estimated
+            estimated = item.corrected or (
+                not item.reason.startswith("reference") and math.isfinite(item.dx_px + item.dy_px)
             )
             if estimated:
                 self.n_estimated += 1
