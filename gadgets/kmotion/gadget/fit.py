@@ -35,6 +35,7 @@ drift between repetitions and the coil maps' phase convention transported with t
 calibration lines)."""
 
 N_VIRTUAL = 8
+"""Virtual coils of the fit (array compression of the whitened data, exact in form; fewer: faster)."""
 
 N_PHASE_SHOTS = 0
 """Nuisance phase terms of the per-shot fit: none (a shot's few rows near one ky cannot tell a phase from a
@@ -42,7 +43,6 @@ translation along y)."""
 
 N_VIRTUAL_SHOTS = 4
 """Virtual coils of the per-shot fit (many small problems: speed; whitened data keep their noise white)."""
-"""Virtual coils of the fit (array compression of the whitened data, exact in form; fewer: faster)."""
 
 
 def inscribed_disc(shape: tuple[int, ...]) -> np.ndarray:
