@@ -32,6 +32,7 @@ from kmotion.gadget import (
     buffer_slices,
     reconstruct_images,
 )
+from kmotion.gadget.fit import ShotEstimate
 from kmotion.gadget.shots import shot_identity, use_shot_model
 from kmotion.io.estimates import CSV_COLUMNS, read_motion_csv, row_from_report, write_motion_csv
 from kmotion.simulation.intra_scan import IntraScanAcquisition, IntraScanConfig, simulate_intra_scan
@@ -366,3 +367,44 @@ def test_no_reference_at_all_passes_through(caplog: pytest.LogCaptureFixture) ->
         if isinstance(a, ismrmrd.Acquisition):
             np.testing.assert_array_equal(a.data, b.data)  # type: ignore[attr-defined]
     assert any("no slice group was estimated" in r.message for r in caplog.records)
+
+
+def test_calibration_scan_reference_wrong_poses_are_not_applied(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Do no harm with a low-resolution reference: per-shot poses that fit the calibration scan better than
+    zero but are wrong (here the fit's poses with their signs flipped) make the corrected slice agree less
+    with the calibration scan than the uncorrected one, so no shot is corrected, every line keeps its data
+    and the reasons say why.  (The same slice with the fit's own poses is corrected:
+    ``test_auto_uses_the_separate_calibration_scan_as_reference``.)"""
+    import kmotion.gadget.shots as shots_module
+
+    fit = shots_module.fit_slices
+
+    def flipped(*args: object, **kwargs: object) -> list[list[ShotEstimate]]:
+        out = fit(*args, **kwargs)  # type: ignore[arg-type]
+        return [[replace(e, motion=tuple(-v for v in e.motion)) for e in ests] for ests in out]
+
+    monkeypatch.setattr(shots_module, "fit_slices", flipped)
+    poses = POSES[1:4] + POSES[5:8]
+    cfg = replace(
+        MOVED,
+        n_coils=4,
+        ordering="interleaved",
+        separate_calibration=True,
+        reference_repetitions=0,
+        motion=poses,
+    )
+    acq = simulate_intra_scan(cfg)
+    items = list(acq.items)
+    before = _copy(items)
+    out = list(MotionCorrector(acq.header, AUTO)(items))
+    summary = _summary(out, 0)
+    assert not summary.corrected and "agrees less with the calibration scan" in summary.reason, summary.reason
+    reports = _shot_reports(out, 0)
+    assert [r.shot for r in reports] == list(range(len(poses)))
+    for r, t in zip(reports, poses, strict=True):
+        assert not r.corrected
+        if any(t):  # the wrong (flipped) estimate stays in the report, with the reason
+            assert "agrees less with the calibration scan" in r.reason, r.reason
+    for a, b in zip(items, before, strict=True):
+        if isinstance(a, ismrmrd.Acquisition):
+            assert isinstance(b, ismrmrd.Acquisition) and np.array_equal(a.data, b.data)

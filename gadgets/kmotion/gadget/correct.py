@@ -22,6 +22,7 @@ from kmotion.gadget.buffer import SliceBuffer
 from kmotion.gadget.calibration import CalibrationStore, coil_maps_for
 from kmotion.gadget.params import GadgetParams
 from kmotion.gadget.reference import SliceWork
+from kmotion.physics.fft import fft2c
 from kmotion.physics.sense import MotionSense, sense_reconstruct
 from kmotion.physics.shot_sense import ShotSense, sense_reconstruct_shots
 
@@ -32,6 +33,7 @@ __all__ = [
     "correct_by_ramp",
     "correct_sense",
     "correct_slices",
+    "low_resolution_reference",
     "mark_failed",
     "ramp_lines",
     "rotated_traj",
@@ -196,12 +198,85 @@ def _poses(w: SliceWork) -> tuple[np.ndarray, np.ndarray]:
     return poses, w.shot_rows
 
 
+def low_resolution_reference(w: SliceWork) -> bool:
+    """Whether ``w``'s reference is its own separate calibration scan (the shot model without a reference
+    repetition, ``docs/intra_scan.md``) rather than another repetition."""
+    assert w.reference is not None and w.assembled is not None
+    return w.reference.slice.key.repetition == w.assembled.key.repetition
+
+
+def _agreement(w: SliceWork, x: torch.Tensor, device: torch.device) -> float:
+    """Residual of the reference's own samples predicted from the image ``x`` ``(1, n_y, n_x)`` (reference
+    pose) with one free complex scale (the calibration scan may have another contrast), relative to their
+    energy: ``1 - |<p, y>|^2 / (||p||^2 ||y||^2)``, ``p = M F C x``."""
+    assert w.reference is not None and isinstance(w.reference.maps, torch.Tensor)
+    ref = w.reference.slice
+    s = torch.from_numpy(ref.samples()).to(device)
+    y = torch.from_numpy(ref.kspace).to(device) * s
+    p = fft2c(w.reference.maps.to(device) * x[0][None]) * s
+    num = float((p.conj() * y).sum().abs().square())
+    den = float(p.abs().square().sum()) * float(y.abs().square().sum())
+    return 1.0 - num / den if den > 0 else math.nan
+
+
+def _leave_alone(w: SliceWork, why: str) -> None:
+    """No shot of ``w`` corrected, for ``why`` (the estimates stay in the reports)."""
+    assert w.shot_reports is not None and w.report is not None
+    for r in w.shot_reports:
+        if r.corrected:
+            r.corrected = False
+            r.reason = f"not corrected: {why}"
+    w.report.corrected = False
+    w.report.reason = f"{w.report.reason}; not corrected: {why}"
+    w.new_data = w.traj = None
+    log.info("slice %s: per-shot correction not applied: %s", tuple(w.buffer.key), why)
+
+
 def correct_shots(w: SliceWork, params: GadgetParams, device: torch.device) -> None:
-    """Correct one slice with a pose per shot (module docstring); sets ``w.new_data`` (and ``w.traj``)."""
+    """Correct one slice with a pose per shot (module docstring); sets ``w.new_data`` (and ``w.traj``).
+
+    With a low-resolution reference (a separate calibration scan) the corrected slice must agree with that
+    scan better than the uncorrected one (:func:`_agreement` of the SENSE image with every shot's pose
+    against that of the image with none); otherwise no shot is corrected (do no harm: a wrong pose can fit a
+    low-resolution reference better than zero, ``docs/intra_scan.md``).
+    """
     assert w.assembled is not None and w.reference is not None and w.report is not None
     a = w.assembled
     poses, shot_rows = _poses(w)
     n_ky = a.kspace.shape[1]
+    check = low_resolution_reference(w) and bool(np.abs(poses).sum() > 0)
+    x = None
+    if params.output == "cartesian" or check:
+        maps = w.reference.maps
+        if not isinstance(maps, torch.Tensor):
+            raise ValueError(f"no coil maps for the per-shot correction: {maps}")
+        samples = torch.from_numpy(a.samples()).to(device)
+        sr = torch.from_numpy(shot_rows).to(device)
+        masks = torch.stack([samples & (sr == sh)[:, None] for sh in range(poses.shape[0])])[None]
+        y = torch.from_numpy(a.kspace).to(device)[None]
+        motion = torch.from_numpy(poses)[None].to(device)
+        m = maps.to(device)[None]
+        y_v, m_v = compress_coils(y, m, SHOT_VIRTUAL_COILS)  # the image from fewer virtual coils: speed
+        model = w.reference.model
+        x_ref = getattr(model, "image", None)  # the reference image (object pose): a warm start
+        start = None if x_ref is None else x_ref.to(device)[None]
+
+        def image(mo: torch.Tensor) -> torch.Tensor:
+            return sense_reconstruct_shots(
+                y_v, m_v, masks, mo, a.pixel_spacing_mm, params.sense_iterations, SENSE_LAMBDA, x0=start
+            )
+
+        x = image(motion)
+        if check:
+            r_corr, r_none = _agreement(w, x, device), _agreement(w, image(torch.zeros_like(motion)), device)
+            if not r_corr < r_none:
+                _leave_alone(
+                    w,
+                    f"the corrected slice agrees less with the calibration scan than the uncorrected one "
+                    f"(relative residual {r_corr:.4f} vs {r_none:.4f})",
+                )
+                return
+            w.report.method += f"; agreement with the calibration scan {r_none:.4f} -> {r_corr:.4f}"
     if params.output == "trajectory":
         out, traj = [], []
         by_acq = {id(ln.acq): ln.row for ln in line_layout(w.buffer)[2]}
@@ -214,28 +289,7 @@ def correct_shots(w: SliceWork, params: GadgetParams, device: torch.device) -> N
                     traj.append(rotated_traj(kx, ky, phi, a.fov_mm))
         w.new_data, w.traj = out, traj
         return
-    maps = w.reference.maps
-    if not isinstance(maps, torch.Tensor):
-        raise ValueError(f"no coil maps for the per-shot correction: {maps}")
-    samples = torch.from_numpy(a.samples()).to(device)
-    sr = torch.from_numpy(shot_rows).to(device)
-    masks = torch.stack([samples & (sr == sh)[:, None] for sh in range(poses.shape[0])])[None]
-    y = torch.from_numpy(a.kspace).to(device)[None]
-    motion = torch.from_numpy(poses)[None].to(device)
-    m = maps.to(device)[None]
-    y_v, m_v = compress_coils(y, m, SHOT_VIRTUAL_COILS)  # the image from fewer virtual coils: speed
-    model = w.reference.model
-    x0 = getattr(model, "image", None)  # the reference image (object pose): a warm start
-    x = sense_reconstruct_shots(
-        y_v,
-        m_v,
-        masks,
-        motion,
-        a.pixel_spacing_mm,
-        params.sense_iterations,
-        SENSE_LAMBDA,
-        x0=None if x0 is None else x0.to(device)[None],
-    )
+    assert x is not None
     y_corr = ShotSense(m, masks, motion, a.pixel_spacing_mm).forward_static(x)
     moved_rows = torch.from_numpy(np.isin(shot_rows, np.flatnonzero(np.abs(poses).sum(1) > 0))).to(device)
     keep = samples & moved_rows[:, None]  # the lines of shots left alone keep their data
