@@ -194,6 +194,32 @@ def test_motion_beyond_the_capture_range_is_flagged_not_corrected() -> None:
         assert r.reason.startswith("beyond the capture range (+-25 mm, +-18 deg)"), r.reason
 
 
+def test_translation_only_fallback_flags_a_shift_beyond_the_capture_range() -> None:
+    """One coil at R = 2 (no SENSE: the translation-only fallback).  A shift of 34 / -17 mm (20 / -10 px) lies
+    beyond the +-25 mm capture range: the correlation peak within the range sits on its border, so the slice
+    is flagged and left alone (before: corrected by the border's 24 mm).  A shift of 8.6 / 5.2 mm inside the
+    range is corrected (measured error 0.01 / 0.03 px; tolerance 0.1 px)."""
+    motion = [ZERO, (5.0, 3.0, 0.0), (20.0, -10.0, 0.0)]
+    cfg = RawConfig(
+        matrix=(N, N),
+        fov_mm=(FOV, FOV),
+        n_coils=1,
+        n_slices=1,
+        n_repetitions=3,
+        acceleration=2,
+        snr=20.0,
+        seed=7,
+        motion=tuple(motion),
+    )
+    raw = simulate_raw(cfg)
+    inside, beyond = _through(raw.header, raw.items)
+    assert inside.corrected and inside.reason.startswith("translation only: ill-posed"), inside.log_line()
+    assert abs(inside.dx_px - 5.0) < 0.1 and abs(inside.dy_px - 3.0) < 0.1, inside.log_line()
+    assert math.isnan(inside.rot_deg)
+    assert not beyond.corrected and beyond.flagged, beyond.log_line()
+    assert beyond.reason.startswith("beyond the capture range (+-25 mm): the translation's correlation peak")
+
+
 def test_motion_within_20_mm_and_15_deg_is_estimated_and_corrected() -> None:
     moves = [(18, -15, 14.0), (-19, 12, -13.0), (10, 19, 8.0), (-5, -20, -15.0), (20, 20, 15.0)]
     motion = [(x / PX_MM, y / PX_MM, phi) for x, y, phi in moves]

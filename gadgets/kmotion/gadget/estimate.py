@@ -202,7 +202,7 @@ def _translation_only(w: SliceWork, why: str, params: GadgetParams, noise: Noise
     yr = apply_whitening(white, torch.from_numpy(r.kspace), 0)
     common = torch.from_numpy(a.samples() & r.samples())
     n_ky, n_kx = a.kspace.shape[1:]
-    dx, dy = _phase_correlation(y, yr, common, params, a.pixel_spacing_mm)
+    dx, dy, at_edge = _phase_correlation(y, yr, common, params, a.pixel_spacing_mm)
     ky = (torch.arange(n_ky) - n_ky // 2).double()[:, None] / n_ky
     kx = (torch.arange(n_kx) - n_kx // 2).double()[None, :] / n_kx
     ramp = torch.polar(torch.ones(n_ky, n_kx, dtype=torch.float64), -2 * math.pi * (kx * dx + ky * dy))
@@ -212,9 +212,17 @@ def _translation_only(w: SliceWork, why: str, params: GadgetParams, noise: Noise
     var = max(2 * nv if math.isfinite(nv) else 0.0, rss1 / n_common)  # both data sets' noise in the residual
     chi2 = 2 * (rss0 - rss1) / var if var > 0 else math.nan
     nan3 = (math.nan, math.nan, math.nan)
+    fit_ratio = rss1 / n_common / (2 * nv) if math.isfinite(nv) and nv > 0 else math.nan
     method = f"phase correlation, translation test (no rotation without coil maps); noise: {source}"
+    method += f"; residual / noise variance {fit_ratio:.2f}"
     rep = report_for(w, (dx, dy, 0.0), nan3, chi2, 2, params, method)
     rep.rot_deg = math.nan
+    if at_edge and rep.reason != "below min_correction" and not rep.reason.startswith("no significant"):
+        rep.corrected, rep.flagged = False, True
+        rep.reason = (
+            f"beyond the capture range (+-{params.max_translation_mm:g} mm): the translation's correlation "
+            "peak lies at its edge; not corrected"
+        )
     if rep.corrected:
         rep.reason = f"translation only: {why}" + (f"; {rep.reason}" if rep.reason else "")
     w.report = rep
@@ -226,9 +234,12 @@ def _phase_correlation(
     common: torch.Tensor,
     params: GadgetParams,
     spacing: tuple[float, float],
-) -> tuple[float, float]:
-    """``(dx_px, dy_px)`` maximising ``Re sum_c y conj(ramp(t) y_ref)`` on ``common`` samples: one inverse FFT
-    of the coil-summed cross-spectrum, the peak within the capture range, refined by a parabola."""
+) -> tuple[float, float, bool]:
+    """``(dx_px, dy_px, at_edge)`` maximising ``Re sum_c y conj(ramp(t) y_ref)`` on ``common`` samples: one
+    inverse FFT of the coil-summed cross-spectrum, the peak within the capture range (which also resolves the
+    aliases of undersampled rows, ``n_y / R`` apart), refined by a parabola.  ``at_edge``: the peak lies on
+    the border of the capture range, so the true one is probably beyond it (a shift of 34 mm came out at the
+    25 mm border and was corrected there)."""
     cross = (y * yr.conj() * common).sum(0)
     n_ky, n_kx = cross.shape
     corr = ifft2c(cross).real.double()
@@ -239,6 +250,11 @@ def _phase_correlation(
     )
     corr = corr.masked_fill(~inside, -math.inf)
     iy, ix = divmod(int(corr.argmax()), n_kx)
+    lim_y = int(params.max_translation_mm // spacing[0])
+    lim_x = int(params.max_translation_mm // spacing[1])
+    at_edge = abs(iy - n_ky // 2) >= min(lim_y, n_ky // 2 - 1) or abs(ix - n_kx // 2) >= min(
+        lim_x, n_kx // 2 - 1
+    )
 
     def vertex(lo: float, mid: float, hi: float) -> float:
         den = lo - 2 * mid + hi
@@ -247,4 +263,4 @@ def _phase_correlation(
     c = corr
     oy = vertex(float(c[(iy - 1) % n_ky, ix]), float(c[iy, ix]), float(c[(iy + 1) % n_ky, ix]))
     ox = vertex(float(c[iy, (ix - 1) % n_kx]), float(c[iy, ix]), float(c[iy, (ix + 1) % n_kx]))
-    return ix - n_kx // 2 + max(-0.5, min(0.5, ox)), iy - n_ky // 2 + max(-0.5, min(0.5, oy))
+    return ix - n_kx // 2 + max(-0.5, min(0.5, ox)), iy - n_ky // 2 + max(-0.5, min(0.5, oy)), at_edge
