@@ -101,7 +101,7 @@ def _run_stream_demo(args: argparse.Namespace) -> int:
     from kmotion.gadget.params import GadgetParams
     from kmotion.simulation.raw import RawConfig
 
-    params = GadgetParams(device=args.device)
+    params = GadgetParams(device=args.device, threads=args.threads)
     progress = False if args.no_progress else None
     if args.intra_scan:
         return _intra_scan_demo(args, params, progress)
@@ -423,6 +423,7 @@ def _run_replay(args: argparse.Namespace) -> int:
         min_correction=args.min_correction,
         reference_repetition=args.reference_repetition,
         motion_model=args.motion_model,
+        threads=args.threads,
     )
     res = replay(
         args.input,
@@ -492,6 +493,7 @@ def _gadget_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-correction", default=None, help="skip smaller corrections (px / degrees)")
     g.add_argument("--reference-repetition", default=None, help="reference repetition (default: first)")
     g.add_argument("--motion-model", default=None, help="auto | repetition | shot (docs/intra_scan.md)")
+    g.add_argument("--threads", default=None, help="torch CPU threads (default 1; 0: torch's default)")
     g.add_argument("--batch-slices", default=None, help="slices estimated together")
     g.add_argument("--sense-iterations", default=None, help="iterations of the Cartesian correction")
     g.add_argument(

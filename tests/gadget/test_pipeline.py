@@ -63,6 +63,23 @@ def test_params_from_properties() -> None:
     assert GadgetParams.from_properties({"model": "", "reference_repetition": "none"}) == GadgetParams()
     assert GadgetParams.from_properties('{"batch_slices": 2, "min_correction": 0}').batch_slices == 2
     assert GadgetParams.from_properties({}) == GadgetParams()
+    assert GadgetParams.from_properties({"threads": "0"}).threads == 0
+
+
+def test_threads_parameter_sets_torch_threads(header_factory) -> None:
+    """``threads`` (default 1) is torch's intra-op thread count once the gadget starts; 0 leaves it."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        MotionCorrector(header_factory(), GadgetParams(device="cpu"))
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        MotionCorrector(header_factory(), GadgetParams(device="cpu", threads=0))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize(
@@ -76,6 +93,7 @@ def test_params_from_properties() -> None:
         ({"batch_slices": "0"}, "'batch_slices': expected an integer >= 1, got '0'"),
         ({"sense_iterations": "2.5"}, "'sense_iterations'"),
         ({"reference_repetition": "-1"}, "'reference_repetition': expected an integer >= 0"),
+        ({"threads": "-1"}, "'threads': expected an integer >= 0"),
         ("[1, 2]", "expected a JSON object"),
         ("{bad json", "expected a JSON object"),
     ],

@@ -79,6 +79,11 @@ class GadgetParams:
     """``repetition`` (one pose per slice group, registered to a reference repetition), ``shot`` (one pose
     per echo train), ``auto`` (``shot`` when a slice group holds more than one echo train and no reference
     repetition is expected, see ``docs/intra_scan.md``)."""
+    threads: int = 1
+    """torch intra-op CPU threads, set when the gadget starts (0: leave torch's default).  The per-slice
+    tensors are small: on a shared 2-core machine two threads made the FFTs many times slower than one
+    (``docs/gadget.md``, Offline replay), and ``kmotion stream`` on a field case took 24-55 s with torch's
+    default against 5 s with one thread."""
 
     def __post_init__(self) -> None:
         if self.model is not None and not isinstance(self.model, str | Path):
@@ -100,6 +105,7 @@ class GadgetParams:
             _as_int("reference_repetition", self.reference_repetition, 0)
         _as_int("batch_slices", self.batch_slices, 1)
         _as_int("sense_iterations", self.sense_iterations, 1)
+        _as_int("threads", self.threads, 0)
 
     @classmethod
     def from_properties(cls, props: Mapping[str, object] | str) -> GadgetParams:
@@ -137,7 +143,7 @@ class GadgetParams:
                 except ValueError:
                     raise _bad(name, _FLOATS[name][2], value) from None
             else:
-                minimum = 0 if name == "reference_repetition" else 1
+                minimum = 0 if name in ("reference_repetition", "threads") else 1
                 kwargs[name] = _as_int(name, value if isinstance(value, int) else text, minimum)
         return cls(**kwargs)  # type: ignore[arg-type]
 

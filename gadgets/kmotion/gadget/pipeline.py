@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TypeAlias
 
 import ismrmrd.xsd
+import torch
 
 from kmotion.estimation.network import NetworkEstimator
 from kmotion.gadget.buffer import SliceBatch, SliceBuffer, SliceGeometry, batch_slices
@@ -135,6 +136,8 @@ class MotionCorrector:
         self.header = self.check.header
         self.geometry = self.check.geometry
         self.device = resolve_device(self.params.device)
+        if self.params.threads > 0 and torch.get_num_threads() != self.params.threads:
+            torch.set_num_threads(self.params.threads)
         path = Path(self.params.model) if self.params.model else DEFAULT_MODEL
         self.estimator = NetworkEstimator.load(path, self.device, refine=False)  # a seed of the fit
         self.net_crop: tuple[int, int] = tuple(self.estimator.model.config.crop)  # type: ignore[assignment]
