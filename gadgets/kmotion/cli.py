@@ -438,7 +438,7 @@ def _run_replay(args: argparse.Namespace) -> int:
     print(
         f"wrote {res.out}: {res.n_acquisitions} acquisitions, {res.n_waveforms} waveforms, "
         f"{len(res.rows)} slice estimates ({n_corr} corrected), {res.n_images_uncorrected} + "
-        f"{res.n_images_corrected} images (uncorrected + corrected) in {res.seconds:.1f} s"
+        f"{res.n_images_corrected} images (before + after the correction) in {res.seconds:.1f} s"
     )
     if args.motion_csv:
         print(f"wrote {args.motion_csv}")

@@ -488,3 +488,21 @@ def test_a_failing_source_still_gets_everything_received_out(stream_factory) -> 
         id(o) for o in st.items[:n]
     )
     assert "incomplete" in _reports(got)[(0, 1)].reason
+
+
+def test_log_line_without_estimate_and_end_of_stream_warning() -> None:
+    """A report without an estimate says so (no NaN numbers) and names a missing reference; the end-of-stream
+    WARNING cuts long reasons at a word boundary."""
+    from kmotion.gadget.buffer import SliceKey
+    from kmotion.gadget.report import StreamSummary, blank_report
+
+    reason = "not correctable: 3D encoding: " + "word " * 60
+    rep = blank_report(SliceKey(0, 0, 0, 2, 0), -1, reason)
+    line = rep.log_line()
+    assert line.startswith("slice 0 contrast 0 phase 0 rep 2 set 0 (no reference): no estimate; flagged")
+    assert "nan" not in line
+    summary = StreamSummary()
+    summary.acquisitions["imaging"] += 10
+    summary.note(rep)
+    msg = summary.end_of_stream()
+    assert msg is not None and "word ...)" in msg and "wor)" not in msg

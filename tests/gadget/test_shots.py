@@ -244,6 +244,8 @@ def test_every_item_out_once_reports_before_the_slice(moved: SimpleNamespace) ->
         )
     ]
     assert [id(o) for o in rest] == [id(a) for a in slice_lines]
+    # the reference repetition of a scan with several stays "reference" (not "... no reference repetition")
+    assert _summary(out, 0).reason == "reference"
 
 
 def test_reports_csv_keys(moved: SimpleNamespace, tmp_path: Path) -> None:

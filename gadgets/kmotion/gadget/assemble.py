@@ -220,7 +220,7 @@ def assemble(buffer: SliceBuffer, quiet: bool = False) -> AssembledSlice:
     fov_y = enc.encoded_fov_mm[1]
     first = acqs[0]
     if reasons and not quiet:
-        log.info("slice %s not correctable: %s", tuple(buffer.key), "; ".join(reasons))
+        log.debug("slice %s not correctable: %s", tuple(buffer.key), "; ".join(reasons))  # in its report
     return AssembledSlice(
         key=buffer.key,
         kspace=ks.numpy().astype(np.complex64, copy=False),

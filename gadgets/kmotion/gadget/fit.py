@@ -228,7 +228,8 @@ def fit_slices(
     for q in range(p):
         i = int(problems.slice_index[q])
         w = ws[i]
-        how = "network seed + global search" if w.seed is not None else f"global search ({w.network_note})"
+        note = f" ({w.network_note})" if w.network_note else ""
+        how = "network seed + global search" if w.seed is not None else f"global search{note}"
         method = f"data-consistency fit ({how}); noise: {models[i].source}"
         method += f"; residual / noise variance {float(fit.residual_variance()[q] / models[i].sigma2):.2f}"
         out[i].append(

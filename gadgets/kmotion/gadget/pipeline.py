@@ -48,8 +48,9 @@ __all__ = ["HeaderCheck", "HeaderLike", "MotionCorrector", "check_header", "moti
 
 log = logging.getLogger("kmotion.gadget")
 
-_NORMAL = ("reference", "below min_correction", "no significant motion")
-"""Reasons of normal outcomes (logged at INFO; anything else not corrected is a WARNING)."""
+_NORMAL = ("reference", "below min_correction", "no significant motion", "not correctable: 3D encoding")
+"""Reasons of normal outcomes (logged at INFO; anything else not corrected is a WARNING).  A 3D scan's slabs
+all pass through for the same reason, said once more in the end-of-stream WARNING."""
 
 
 #: A stream's header as the front ends have it: parsed, read leniently, the XML text, or none.
@@ -147,6 +148,7 @@ class MotionCorrector:
         self.noise = NoiseStore()
         self.references: References = {}
         self.single_repetition = _single_repetition(self.header)
+        self.several_repetitions = _repetition_limit(self.header) > 0
         self._rules_logged: set[str] = set()
 
     def __call__(self, items: Iterable[object]) -> Iterator[object]:
@@ -238,6 +240,8 @@ class MotionCorrector:
             own_reference = w.report is not None and w.report.reason == "reference"
             if w.report is not None and not own_reference:
                 continue
+            if own_reference and self.several_repetitions:
+                continue  # the reference repetition of a scan with several: the reference of the others
             rows, rule = shot_identity(w.buffer)
             if not use_shot_model(self.params, self.single_repetition, int(rows.max()) + 1):
                 if w.report is None:
@@ -276,13 +280,18 @@ class MotionCorrector:
         )
 
 
-def _single_repetition(header: ismrmrd.xsd.ismrmrdHeader | None) -> bool:
-    """True when the header's encoding limits promise one repetition (False when unknown)."""
+def _repetition_limit(header: ismrmrd.xsd.ismrmrdHeader | None) -> int:
+    """The header's largest repetition index (``encodingLimits.repetition.maximum``), -1 when unknown."""
     try:
         lim = header.encoding[0].encodingLimits.repetition  # type: ignore[union-attr]
-        return lim is not None and int(lim.maximum) == 0
+        return -1 if lim is None else int(lim.maximum)
     except (AttributeError, IndexError, TypeError, ValueError):
-        return False
+        return -1
+
+
+def _single_repetition(header: ismrmrd.xsd.ismrmrdHeader | None) -> bool:
+    """True when the header's encoding limits promise one repetition (False when unknown)."""
+    return _repetition_limit(header) == 0
 
 
 def motion_correct(

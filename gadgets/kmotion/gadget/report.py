@@ -92,15 +92,21 @@ class MotionReport:
         the reason."""
         k = self.key
         p = self.patient_mm
-        line = (
+        ref = f"ref rep {self.reference_repetition}" if self.reference_repetition >= 0 else "no reference"
+        head = (
             f"slice {k.slice} contrast {k.contrast} phase {k.phase} rep {k.repetition} set {k.set} "
-            f"{f'shot {self.shot} ' if self.shot >= 0 else ''}"
-            f"(ref rep {self.reference_repetition}): dx {self.dx_px:+.2f} px ({self.dx_mm:+.2f} mm) "
-            f"dy {self.dy_px:+.2f} px ({self.dy_mm:+.2f} mm) rot {self.rot_deg:+.2f} deg"
-            f"{self._uncertainty()}; "
-            f"patient ({p[0]:+.2f}, {p[1]:+.2f}, {p[2]:+.2f}) mm; flagged {self.flagged}, "
-            f"corrected {self.corrected}"
+            f"{f'shot {self.shot} ' if self.shot >= 0 else ''}({ref}): "
         )
+        if not any(math.isfinite(v) for v in (self.dx_px, self.dy_px, self.rot_deg)):
+            line = f"{head}no estimate; flagged {self.flagged}, corrected {self.corrected}"
+        else:
+            line = (
+                f"{head}dx {self.dx_px:+.2f} px ({self.dx_mm:+.2f} mm) "
+                f"dy {self.dy_px:+.2f} px ({self.dy_mm:+.2f} mm) rot {self.rot_deg:+.2f} deg"
+                f"{self._uncertainty()}; "
+                f"patient ({p[0]:+.2f}, {p[1]:+.2f}, {p[2]:+.2f}) mm; flagged {self.flagged}, "
+                f"corrected {self.corrected}"
+            )
         return f"{line}; {self.reason}" if self.reason else line
 
     def _uncertainty(self) -> str:
@@ -116,6 +122,14 @@ def blank_report(key: SliceKey, ref_rep: int, reason: str, zeros: bool = False) 
     """A report without an estimate (NaN, or zeros for a reference), not corrected, with ``reason``."""
     v = 0.0 if zeros else math.nan
     return MotionReport(key, ref_rep, v, v, v, v, v, (v, v, v), False, False, reason)
+
+
+def _shorten(text: str, width: int = 160) -> str:
+    """``text`` cut at a word boundary to at most ``width`` characters (``...`` marks the cut)."""
+    if len(text) <= width:
+        return text
+    cut = text[: width - 4].rsplit(" ", 1)[0]
+    return f"{cut} ..."
 
 
 @dataclass
@@ -157,7 +171,7 @@ class StreamSummary:
         if self.n_estimated or not n_other:
             return None
         groups = sum(self.reasons.values())
-        why = "; ".join(f"{n} x {r[:160]}" for r, n in self.reasons.most_common())
+        why = "; ".join(f"{n} x {_shorten(r)}" for r, n in self.reasons.most_common())
         passed = ", ".join(f"{n} {k}" for k, n in sorted(self.acquisitions.items()) if k != IMAGING)
         why = f" ({why})" if why else ""
         msg = (
