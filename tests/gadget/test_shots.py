@@ -410,3 +410,19 @@ def test_calibration_scan_reference_wrong_poses_are_not_applied(monkeypatch: pyt
     for a, b in zip(items, before, strict=True):
         if isinstance(a, ismrmrd.Acquisition):
             assert isinstance(b, ismrmrd.Acquisition) and np.array_equal(a.data, b.data)
+
+
+@pytest.mark.parametrize(
+    ("ordering", "broad"),
+    [("interleaved", True), ("checkered", True), ("linear", False), ("centric", False)],
+)
+def test_broad_shots_of_each_ordering(ordering: str, broad: bool) -> None:
+    """The per-shot fit frees the nuisance phase (constant + linear) only when every train is broad: rows on
+    both sides of the centre over a quarter of the grid in |ky| (interleaved, checkered); never for the bands
+    of linear and centric orderings, where a phase looks like a shift along y."""
+    from kmotion.gadget.fit import broad_shot
+    from kmotion.simulation.multishot import shot_sampling
+
+    sampling = shot_sampling(256, 16, ordering, 2, 24)
+    assert [broad_shot(np.asarray(rows), 256) for rows in sampling.shots] == [broad] * len(sampling.shots)
+    assert not broad_shot(np.array([], dtype=int), 256)

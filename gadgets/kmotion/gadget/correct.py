@@ -21,7 +21,7 @@ from kmotion.gadget.assemble import line_layout, upsample_readout
 from kmotion.gadget.buffer import SliceBuffer
 from kmotion.gadget.calibration import CalibrationStore, coil_maps_for
 from kmotion.gadget.params import GadgetParams
-from kmotion.gadget.reference import SliceWork
+from kmotion.gadget.reference import SliceWork, low_resolution_reference
 from kmotion.physics.fft import fft2c
 from kmotion.physics.sense import MotionSense, sense_reconstruct
 from kmotion.physics.shot_sense import ShotSense, sense_reconstruct_shots
@@ -33,7 +33,6 @@ __all__ = [
     "correct_by_ramp",
     "correct_sense",
     "correct_slices",
-    "low_resolution_reference",
     "mark_failed",
     "ramp_lines",
     "rotated_traj",
@@ -196,13 +195,6 @@ def _poses(w: SliceWork) -> tuple[np.ndarray, np.ndarray]:
         if r.corrected and 0 <= r.shot < n:
             poses[r.shot] = (r.dx_px, r.dy_px, r.rot_deg)
     return poses, w.shot_rows
-
-
-def low_resolution_reference(w: SliceWork) -> bool:
-    """Whether ``w``'s reference is its own separate calibration scan (the shot model without a reference
-    repetition, ``docs/intra_scan.md``) rather than another repetition."""
-    assert w.reference is not None and w.assembled is not None
-    return w.reference.slice.key.repetition == w.assembled.key.repetition
 
 
 def _agreement(w: SliceWork, x: torch.Tensor, device: torch.device) -> float:

@@ -19,7 +19,7 @@ from kmotion.gadget.buffer import SliceBuffer
 from kmotion.gadget.report import MotionReport, blank_report
 from kmotion.physics.validate import InputError
 
-__all__ = ["Reference", "References", "SliceWork", "choose_reference"]
+__all__ = ["Reference", "References", "SliceWork", "choose_reference", "low_resolution_reference"]
 
 
 @dataclass
@@ -51,6 +51,13 @@ class SliceWork:
     shot_reports: list[MotionReport] | None = None  # one per shot, after ``report`` (the summary)
     new_data: list[tuple[ismrmrd.Acquisition, np.ndarray]] | None = None
     traj: list[np.ndarray] | None = None
+
+
+def low_resolution_reference(w: SliceWork) -> bool:
+    """Whether ``w``'s reference is its own separate calibration scan (the shot model without a reference
+    repetition, ``docs/intra_scan.md``) rather than another repetition."""
+    assert w.reference is not None and w.assembled is not None
+    return w.reference.slice.key.repetition == w.assembled.key.repetition
 
 
 def choose_reference(w: SliceWork, references: References, want: int | None) -> None:

@@ -37,7 +37,7 @@ from kmotion.gadget.classify import IMAGING, classify
 from kmotion.gadget.decide import report_for
 from kmotion.gadget.fit import ShotEstimate, fit_slices
 from kmotion.gadget.params import GadgetParams
-from kmotion.gadget.reference import Reference, SliceWork
+from kmotion.gadget.reference import Reference, SliceWork, low_resolution_reference
 from kmotion.gadget.report import MotionReport
 
 __all__ = ["EarlyShots", "estimate_shots", "shot_identity", "use_shot_model"]
@@ -118,7 +118,7 @@ def estimate_shots(
             reports.append(rep)
         w.shot_reports = reports
         assert w.reference is not None and w.assembled is not None
-        if w.reference.slice.key.repetition == w.assembled.key.repetition:  # a low-resolution reference
+        if low_resolution_reference(w):  # a calibration scan as the reference
             _isolated_shots(reports)
         n_corr = sum(r.corrected for r in reports)
         assert w.reference is not None
