@@ -1,8 +1,9 @@
 """The joint mode without a reference (``estimation/joint.py``): the gauge and the poses relative to it.
 
-The joint alternation does not leave zero from a zero start on realistic data (``docs/intra_scan.md``, "Without
-any reference"); these tests fix its conventions: the gauge shot (the one holding the k-space centre) is held at
-zero, every other pose and the image are in the gauge's frame, and a start at the right poses is kept.
+The joint alternation does not leave zero from a zero start on realistic data (``docs/intra_scan.md``,
+"Without any reference"); these tests fix its conventions: the gauge shot (the one holding the k-space
+centre) is held at zero, every other pose and the image are in the gauge's frame, and a start at the right
+poses is kept.
 """
 
 from __future__ import annotations
