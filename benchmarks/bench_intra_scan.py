@@ -76,6 +76,7 @@ from kmotion.gadget.calibration import coil_maps_for
 from kmotion.gadget.decide import report_for
 from kmotion.gadget.estimate import reference_model
 from kmotion.gadget.reference import Reference, SliceWork
+from kmotion.gadget.report import blank_report
 from kmotion.gadget.shots import EarlyShots, shot_identity
 from kmotion.simulation.intra_scan import IntraScanAcquisition, IntraScanConfig, simulate_intra_scan
 
@@ -209,19 +210,10 @@ def early_timer(t: Timing, device: torch.device) -> Iterator[None]:
 def _summary(w: SliceWork, reports: list[MotionReport], method: str) -> MotionReport:
     n_corr = sum(r.corrected for r in reports)
     ref_rep = w.reference.slice.key.repetition if w.reference is not None else -1
-    s = MotionReport(
-        w.buffer.key,
-        ref_rep,
-        math.nan,
-        math.nan,
-        math.nan,
-        math.nan,
-        math.nan,
-        NAN3,
-        False,
-        n_corr > 0,
-        f"per-shot motion ({method}): {n_corr} of {len(reports)} shots corrected",
+    s = blank_report(
+        w.buffer.key, ref_rep, f"per-shot motion ({method}): {n_corr} of {len(reports)} shots corrected"
     )
+    s.corrected = n_corr > 0
     s.method = method
     return s
 

@@ -315,12 +315,12 @@ def test_auto_with_a_reference_repetition_uses_the_repetition_model() -> None:
 # ------------------------------------------------------- the separate calibration scan, or no reference
 
 
-def test_auto_uses_the_separate_calibration_scan_as_reference(caplog: pytest.LogCaptureFixture) -> None:
-    """One repetition, several echo trains, a separate calibration scan (encoding space 1): ``auto`` picks the
-    shot model with the calibration scan as a low-resolution reference; the rule is logged.  Noise-free,
-    96^2, 4 coils: corrected shots within 0.3 px / 1 deg (measured 0.1 px / 0.6 deg: a 24-row reference),
-    the image within 0.25 x its uncorrected NRMSE of the motion-free one (measured 0.41 -> 0.05)."""
-    poses = POSES[1:4] + POSES[5:8]  # 6 trains of 8 imaging rows (no ACS rows in the imaging)
+def _calibration_scan_slice() -> tuple[
+    list[tuple[float, float, float]], IntraScanConfig, IntraScanAcquisition
+]:
+    """One repetition of 6 interleaved trains of 8 imaging rows (no ACS rows in the imaging), 4 coils, and a
+    separate calibration scan (encoding space 1): the poses, the config and the acquisition."""
+    poses = POSES[1:4] + POSES[5:8]
     cfg = replace(
         MOVED,
         n_coils=4,
@@ -329,7 +329,15 @@ def test_auto_uses_the_separate_calibration_scan_as_reference(caplog: pytest.Log
         reference_repetitions=0,
         motion=poses,
     )
-    acq = simulate_intra_scan(cfg)
+    return poses, cfg, simulate_intra_scan(cfg)
+
+
+def test_auto_uses_the_separate_calibration_scan_as_reference(caplog: pytest.LogCaptureFixture) -> None:
+    """One repetition, several echo trains, a separate calibration scan (encoding space 1): ``auto`` picks the
+    shot model with the calibration scan as a low-resolution reference; the rule is logged.  Noise-free,
+    96^2, 4 coils: corrected shots within 0.3 px / 1 deg (measured 0.1 px / 0.6 deg: a 24-row reference),
+    the image within 0.25 x its uncorrected NRMSE of the motion-free one (measured 0.41 -> 0.05)."""
+    poses, cfg, acq = _calibration_scan_slice()
     items = list(acq.items)
     before = _copy(items)
     caplog.set_level(logging.INFO, logger="kmotion.gadget")
@@ -386,16 +394,7 @@ def test_calibration_scan_reference_wrong_poses_are_not_applied(monkeypatch: pyt
         return [[replace(e, motion=tuple(-v for v in e.motion)) for e in ests] for ests in out]
 
     monkeypatch.setattr(shots_module, "fit_slices", flipped)
-    poses = POSES[1:4] + POSES[5:8]
-    cfg = replace(
-        MOVED,
-        n_coils=4,
-        ordering="interleaved",
-        separate_calibration=True,
-        reference_repetitions=0,
-        motion=poses,
-    )
-    acq = simulate_intra_scan(cfg)
+    poses, _, acq = _calibration_scan_slice()
     items = list(acq.items)
     before = _copy(items)
     out = list(MotionCorrector(acq.header, AUTO)(items))

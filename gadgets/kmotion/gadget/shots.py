@@ -38,7 +38,7 @@ from kmotion.gadget.decide import report_for
 from kmotion.gadget.fit import ShotEstimate, fit_slices
 from kmotion.gadget.params import GadgetParams
 from kmotion.gadget.reference import Reference, SliceWork, low_resolution_reference
-from kmotion.gadget.report import MotionReport
+from kmotion.gadget.report import MotionReport, blank_report
 
 __all__ = ["EarlyShots", "estimate_shots", "shot_identity", "use_shot_model"]
 
@@ -121,21 +121,12 @@ def estimate_shots(
         if low_resolution_reference(w):  # a calibration scan as the reference
             _isolated_shots(reports)
         n_corr = sum(r.corrected for r in reports)
-        assert w.reference is not None
-        ref_rep = w.reference.slice.key.repetition
-        summary = MotionReport(
+        summary = blank_report(
             w.buffer.key,
-            ref_rep,
-            math.nan,
-            math.nan,
-            math.nan,
-            math.nan,
-            math.nan,
-            (math.nan, math.nan, math.nan),
-            any(r.flagged for r in reports),
-            n_corr > 0,
+            w.reference.slice.key.repetition,
             f"per-shot motion: {n_corr} of {len(reports)} shots corrected (shots by {w.shot_rule})",
         )
+        summary.flagged, summary.corrected = any(r.flagged for r in reports), n_corr > 0
         summary.method = reports[0].method if reports else ""
         w.report = summary
 
