@@ -147,8 +147,9 @@ class MotionCorrector:
             self.calibration = CalibrationStore(self.geometry)
         self.noise = NoiseStore()
         self.references: References = {}
-        self.single_repetition = _single_repetition(self.header)
-        self.several_repetitions = _repetition_limit(self.header) > 0
+        limit = _repetition_limit(self.header)
+        self.single_repetition = limit == 0  # the header promises one repetition (False when unknown)
+        self.several_repetitions = limit > 0
         self._rules_logged: set[str] = set()
 
     def __call__(self, items: Iterable[object]) -> Iterator[object]:
@@ -287,11 +288,6 @@ def _repetition_limit(header: ismrmrd.xsd.ismrmrdHeader | None) -> int:
         return -1 if lim is None else int(lim.maximum)
     except (AttributeError, IndexError, TypeError, ValueError):
         return -1
-
-
-def _single_repetition(header: ismrmrd.xsd.ismrmrdHeader | None) -> bool:
-    """True when the header's encoding limits promise one repetition (False when unknown)."""
-    return _repetition_limit(header) == 0
 
 
 def motion_correct(
