@@ -28,11 +28,11 @@ import time
 import ismrmrd
 import numpy as np
 import torch
+from common import use_true_motion
 
 from kmotion.gadget import GadgetParams, MotionCorrector, MotionReport, reconstruct_images
 from kmotion.gadget.estimate import report_for
 from kmotion.gadget.reference import SliceWork
-from kmotion.io.ismrmrd_writer import TrueMotion
 from kmotion.simulation.raw import RawConfig, simulate_raw
 
 
@@ -46,20 +46,6 @@ def _images(items: list[object], header: object) -> dict[tuple[int, int], np.nda
 
 def _copy(items: list[object]) -> list[object]:
     return [copy.deepcopy(i) if isinstance(i, ismrmrd.Acquisition) else i for i in items]
-
-
-def _oracle(mc: MotionCorrector, truth: dict[tuple[int, int], TrueMotion]) -> None:
-    """Stage 4 replaced by the true motion (significant, no uncertainty): the correction alone."""
-    nan3 = (math.nan, math.nan, math.nan)
-
-    def estimate_slices(work: list[SliceWork]) -> None:
-        for w in work:
-            if w.report is None and w.reference is not None:
-                t = truth[(w.buffer.key.slice, w.buffer.key.repetition)]
-                motion = (t.dx_px, t.dy_px, t.phi_deg)
-                w.report = report_for(w, motion, nan3, math.inf, 3, mc.params, "oracle: true motion")
-
-    mc.estimate_slices = estimate_slices  # type: ignore[method-assign]
 
 
 def _network_only(mc: MotionCorrector) -> None:
@@ -92,7 +78,7 @@ def run(cfg: RawConfig, mode: str, device: str) -> dict[str, float]:
     truth = {(t.slice, t.repetition): t for t in raw.truth}
     mc = MotionCorrector(raw.header, GadgetParams(device=device))
     if mode == "true":
-        _oracle(mc, truth)
+        use_true_motion(mc, truth)
     elif mode == "network":
         _network_only(mc)
     before = _copy(raw.items)

@@ -22,46 +22,18 @@ the statistics.  Runs on CPU, and on CUDA when available (``--device``).
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import platform
 import statistics
 import time
 from collections.abc import Iterable, Iterator
 
 import ismrmrd
 import torch
+from common import cpu_name, use_true_motion
 
 from kmotion.gadget import GadgetParams, MotionCorrector, MotionReport
-from kmotion.gadget.estimate import report_for
-from kmotion.gadget.reference import SliceWork
 from kmotion.io.ismrmrd_writer import TrueMotion
 from kmotion.simulation.raw import RawConfig, simulate_raw
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _oracle(mc: MotionCorrector, truth: dict[tuple[int, int], TrueMotion]) -> None:
-    """Stage 4 replaced by the true motion (significant, applied): the latency without the estimation."""
-    nan3 = (math.nan, math.nan, math.nan)
-
-    def estimate_slices(work: list[SliceWork]) -> None:
-        for w in work:
-            if w.report is None and w.reference is not None:
-                t = truth[(w.buffer.key.slice, w.buffer.key.repetition)]
-                motion = (t.dx_px, t.dy_px, t.phi_deg)
-                w.report = report_for(w, motion, nan3, math.inf, 3, mc.params, "oracle: true motion")
-
-    mc.estimate_slices = estimate_slices  # type: ignore[method-assign]
 
 
 def run(
@@ -83,7 +55,7 @@ def run(
     t0 = time.perf_counter()
     mc = MotionCorrector(header, params)  # type: ignore[arg-type]
     if truth is not None:
-        _oracle(mc, truth)
+        use_true_motion(mc, truth)
     for out in mc(source(items)):
         n_out += 1
         if isinstance(out, MotionReport):
@@ -124,7 +96,7 @@ def main() -> None:
     raw = simulate_raw(cfg)
     print(f"simulated {len(raw.items)} acquisitions in {time.perf_counter() - t:.1f} s")
     print(
-        f"machine: {_cpu_name()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
+        f"machine: {cpu_name()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
         f"{torch.get_num_threads()} CPU threads"
     )
     print(
@@ -137,7 +109,7 @@ def main() -> None:
         if dev == "cuda" and not torch.cuda.is_available():
             print("cuda: not available on this machine (no CUDA numbers)")
             continue
-        name = torch.cuda.get_device_name(0) if dev == "cuda" else _cpu_name()
+        name = torch.cuda.get_device_name(0) if dev == "cuda" else cpu_name()
         truth = {(t.slice, t.repetition): t for t in raw.truth}
         for oracle in (False, True):
             res = run(

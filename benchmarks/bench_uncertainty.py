@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from pathlib import Path
 import ismrmrd
 import numpy as np
 import torch
+from common import cpu_name
 
 from kmotion.gadget import GadgetParams, MotionCorrector, MotionReport
 from kmotion.simulation.phantoms import coil_maps_from_coefficients, make_coil_coefficients, make_phantoms
@@ -56,17 +56,6 @@ class Estimates:
     chi2: np.ndarray
     p: np.ndarray
     corrected: np.ndarray
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def realisations(snr: float, n: int, noise_line: bool, alpha: float) -> tuple[Estimates, Estimates]:
@@ -159,7 +148,7 @@ def main() -> None:
     head = (
         f"# bench_uncertainty: {N} x {N}, FOV {FOV:g} mm, {COILS} coils, R = {ACCEL} + 24 calibration lines, "
         f"motion {MOTION} (px, px, deg), {args.realisations} noise realisations per SNR; "
-        f"{_cpu_name()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {args.threads} thread(s)"
+        f"{cpu_name()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {args.threads} thread(s)"
     )
     moved = [
         "## Moved repetition: bias, spread and reported standard error",
